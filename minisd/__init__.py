@@ -1,0 +1,10 @@
+"""minisd: Stable Diffusion 1.x rebuilt piece by piece, one module per chapter of the course."""
+from pathlib import Path
+import os
+
+__version__ = "0.1.0"
+
+# data/ beside the package holds the CLIP vocabulary and the course's trained checkpoints.
+DATA_DIR = Path(os.environ.get("MINISD_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+from . import data  # noqa: E402
