@@ -1,0 +1,154 @@
+"""The course data: small images of coloured shapes with captions, drawn from a seed.
+
+No image data set can be downloaded, so every model in the course (VAE, CLIP, U-Net,
+LoRA) is trained on pictures this module draws: one shape on a black background,
+captioned "a {colour} {shape} {position}", e.g. "a red circle in the top left".
+Drawing is deterministic (same seed, same bytes) and fast (10,000 images in seconds).
+"""
+import numpy as np
+
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+}
+SHAPES = ("circle", "square", "triangle")
+# where the shape's centre sits, as a fraction of the image (x, y), y pointing down
+POSITIONS = {
+    "in the top left": (0.25, 0.25),
+    "in the top right": (0.75, 0.25),
+    "in the bottom left": (0.25, 0.75),
+    "in the bottom right": (0.75, 0.75),
+    "in the center": (0.5, 0.5),
+}
+SIZE = 32          # the course's image size (pixels per side)
+SUPERSAMPLE = 4    # anti-aliasing: draw at 4x, average 4x4 blocks
+RADIUS = 0.17      # a shape's half-width, as a fraction of the image side
+JITTER = 0.04      # random shift of the centre, fraction of the image side
+SCALE_JITTER = 0.15  # random change of the size, relative
+
+
+def caption(colour, shape, position):
+    """The grammar every course model follows: "a {colour} {shape} {position}"."""
+    return f"a {colour} {shape} {position}"
+
+
+def parse(text):
+    """Inverse of `caption`: (colour, shape, position), or a ValueError naming the grammar."""
+    words = text.split(" ", 3)
+    if len(words) == 4 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES \
+            and words[3] in POSITIONS:
+        return words[1], words[2], words[3]
+    raise ValueError(f"{text!r} is not a course caption: expected 'a {{colour}} {{shape}} {{position}}' "
+                     f"with colour in {list(COLOURS)}, shape in {list(SHAPES)}, position in {list(POSITIONS)}")
+
+
+def combinations():
+    """All 6 x 3 x 5 = 90 (colour, shape, position) triples, in a fixed order."""
+    return [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+
+
+def _held_out():
+    # one in ten combinations, in a fixed interleaving: 9 of 90, and each colour, shape and
+    # position still appears in training with other partners
+    out = []
+    for ci, c in enumerate(COLOURS):
+        for si, s in enumerate(SHAPES):
+            for pi, p in enumerate(POSITIONS):
+                if (ci + 2 * si + 3 * pi) % 10 == 3:
+                    out.append((c, s, p))
+    return tuple(out)
+
+
+# combinations the course U-Net never sees in training, to measure generalisation
+HELD_OUT = _held_out()
+
+
+def _shape_mask(shape, cx, cy, r, xs, ys):
+    """Boolean mask of `shape` centred at (cx, cy) with half-width r, on the pixel grid."""
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    if shape == "square":
+        h = r * 0.886  # same area as the circle of radius r
+        return (np.abs(xs - cx) <= h) & (np.abs(ys - cy) <= h)
+    if shape == "triangle":
+        # upright equilateral triangle with circumradius 1.3 r, centred on its centroid
+        R = 1.3 * r
+        top, base = cy - R, cy + R / 2
+        half = R * np.sqrt(3) / 2
+        inside = (ys <= base) & (ys >= top)
+        # the two slanted sides: |x - cx| <= half * (y - top) / (base - top)
+        return inside & (np.abs(xs - cx) <= half * (ys - top) / (base - top))
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _grid(size):
+    n = size * SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / SUPERSAMPLE  # sample points in pixel units
+    return np.meshgrid(coords, coords)  # xs, ys, each (n, n)
+
+
+def render(colour, shape, position, size=SIZE, rng=None):
+    """Draw one anti-aliased image (size, size, 3) uint8; jitter comes from `rng` if given."""
+    xs, ys = _grid(size)
+    return _render(colour, shape, position, size, rng, xs, ys)
+
+
+def _render(colour, shape, position, size, rng, xs, ys):
+    fx, fy = POSITIONS[position]
+    r = RADIUS * size
+    cx, cy = fx * size, fy * size
+    if rng is not None:
+        cx += rng.uniform(-JITTER, JITTER) * size
+        cy += rng.uniform(-JITTER, JITTER) * size
+        r *= 1 + rng.uniform(-SCALE_JITTER, SCALE_JITTER)
+    mask = _shape_mask(shape, cx, cy, r, xs, ys).astype(np.float32)
+    # (S*size, S*size) -> (size, S, size, S) -> mean over the S x S block: coverage in [0, 1]
+    cover = mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    return np.rint(cover[..., None] * rgb).astype(np.uint8)
+
+
+def sample(n, seed=0, size=SIZE, exclude=(), only=None):
+    """n random course images and their captions.
+
+    Returns (uint8 array (n, size, size, 3), list of n captions). `exclude` removes
+    (colour, shape, position) triples from the draw (e.g. `HELD_OUT` for training);
+    `only` restricts it to the given triples (e.g. `HELD_OUT` for testing).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    pool = list(only) if only is not None else combinations()
+    excluded = set(exclude)
+    pool = [t for t in pool if t not in excluded]
+    if not pool:
+        raise ValueError("no (colour, shape, position) combination is left to draw from")
+    for colour, shape, position in pool:
+        if colour not in COLOURS or shape not in SHAPES or position not in POSITIONS:
+            raise ValueError(f"unknown combination {(colour, shape, position)!r}")
+    rng = np.random.default_rng(seed)
+    xs, ys = _grid(size)
+    picks = rng.integers(len(pool), size=n)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    captions = []
+    for i, k in enumerate(picks):
+        colour, shape, position = pool[k]
+        images[i] = _render(colour, shape, position, size, rng, xs, ys)
+        captions.append(caption(colour, shape, position))
+    return images, captions
+
+
+def to_tensor(images):
+    """uint8 (N, H, W, 3) -> float tensor (N, 3, H, W) in [-1, 1], as SD's VAE expects."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N,H,W,3) -> (N,3,H,W)
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """float tensor (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu")
+    return x.permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (N,3,H,W) -> (N,H,W,3)
