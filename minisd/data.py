@@ -75,9 +75,10 @@ def _shape_mask(shape, cx, cy, r, xs, ys):
         h = r * 0.886  # same area as the circle of radius r
         return (np.abs(xs - cx) <= h) & (np.abs(ys - cy) <= h)
     if shape == "triangle":
-        # upright equilateral triangle with circumradius 1.3 r, centred on its centroid
-        R = 1.3 * r
-        top, base = cy - R, cy + R / 2
+        # upright equilateral triangle with circumradius 1.2 r, centred on its bounding box
+        # (so it stays inside the image in the corners)
+        R = 1.2 * r
+        top, base = cy - 0.75 * R, cy + 0.75 * R
         half = R * np.sqrt(3) / 2
         inside = (ys <= base) & (ys >= top)
         # the two slanted sides: |x - cx| <= half * (y - top) / (base - top)
@@ -152,3 +153,21 @@ def to_uint8(x):
     """float tensor (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu")
     return x.permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (N,3,H,W) -> (N,H,W,3)
+
+
+def show(images, captions=None, ncols=8, scale=1.6):
+    """A grid of images with their captions underneath; returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.45)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            if captions is not None:
+                # "a red circle in the top left" -> "a red circle\nin the top left"
+                ax.set_title(captions[i].replace(" in the ", "\nin the "), fontsize=8)
+    fig.tight_layout()
+    return fig
