@@ -8,3 +8,4 @@ __version__ = "0.1.0"
 DATA_DIR = Path(os.environ.get("MINISD_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 from . import data  # noqa: E402
+from . import diffusion  # noqa: E402
