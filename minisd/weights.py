@@ -4,6 +4,7 @@ Every tensor of a file is either used or named as ignored, every shape is checke
 mismatch raises an error that names the file, the key, both shapes and the likely cause.
 Models that are about to receive weights are built on the meta device (no random init).
 """
+import re
 from pathlib import Path
 
 import torch
@@ -42,9 +43,174 @@ def load_state_dict(path, device="cpu"):
     return sd
 
 
+def load_into(model, state_dict, source="state dict"):
+    """Check a state dict already renamed to our keys against `model` (built on the meta
+    device) and load it with assign=True, so the model holds the file's tensors, uncopied.
+
+    Every key must be present on both sides with the same shape; otherwise a WeightsError
+    names the key, both shapes and the likely cause.
+    """
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in ours]
+    if unexpected:
+        raise WeightsError(f"{source}: {len(unexpected)} key(s) the model does not have, e.g. "
+                           f"{unexpected[:3]}; is this a LoRA file, or weights for another model "
+                           "or architecture passed as a full checkpoint?")
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} key(s) missing, e.g. {missing[:3]}; the file "
+                           "is incomplete or was saved from a different architecture/config")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(ours[key].shape):
+            cause = "the file and the config describe different models"
+            if key.endswith(("to_k.weight", "to_v.weight")) and tensor.shape[-1] == 1024:
+                cause = "cross-attention width 1024: this looks like an SD 2.x file, minisd loads SD 1.x"
+            raise WeightsError(f"{source}: {key} has shape {tuple(tensor.shape)} in the file but "
+                               f"{tuple(ours[key].shape)} in the model ({cause})")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
 # --- U-Net: diffusers keys -------------------------------------------------------------
 
+# diffusers' name -> ours, applied in order to each key of `unet/diffusion_pytorch_model.*`.
+# Most names are the same (conv_in, time_embedding.linear_1, down_blocks.0.attentions.1.proj_in,
+# ...); these are the places where ours follow the seed's structure instead.
+UNET_KEY_MAP = [
+    (r"^mid_block\.resnets\.0\.", "mid_block.resnet1."),          # ResNetBlock + SpatialTransformer
+    (r"^mid_block\.attentions\.0\.", "mid_block.attention."),     #   + ResNetBlock
+    (r"^mid_block\.resnets\.1\.", "mid_block.resnet2."),
+    (r"\.downsamplers\.0\.", ".downsample."),
+    (r"\.upsamplers\.0\.", ".upsample."),
+    (r"(resnets\.\d+|resnet[12])\.norm1\.", r"\1.gsc1.norm."),  # ResNetBlock = GSC, + temb, GSC, + skip
+    (r"(resnets\.\d+|resnet[12])\.conv1\.", r"\1.gsc1.conv."),
+    (r"(resnets\.\d+|resnet[12])\.time_emb_proj\.", r"\1.time_proj."),
+    (r"(resnets\.\d+|resnet[12])\.norm2\.", r"\1.gsc2.norm."),
+    (r"(resnets\.\d+|resnet[12])\.conv2\.", r"\1.gsc2.conv."),
+    (r"(resnets\.\d+|resnet[12])\.conv_shortcut\.", r"\1.skip."),
+    (r"\.transformer_blocks\.0\.", ".block."),                    # one BasicTransformerBlock in SD 1.x
+    (r"\.to_out\.0\.", ".to_out."),                               # to_out.1 is a Dropout, no weights
+    (r"\.ff\.net\.0\.proj\.", ".ff.geglu.proj."),
+    (r"\.ff\.net\.2\.", ".ff.out."),
+    (r"^conv_norm_out\.", "out.norm."),                              # the output GSC
+    (r"^conv_out\.", "out.conv."),
+]
+
+
+def unet_key(key):
+    """One diffusers U-Net key -> ours, e.g. 'down_blocks.0.resnets.0.norm1.weight' ->
+    'down_blocks.0.resnets.0.gsc1.norm.weight'."""
+    for pattern, replacement in UNET_KEY_MAP:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def unet_from_diffusers(state_dict):
+    """A diffusers U-Net state dict -> ours (same tensors, renamed)."""
+    return {unet_key(k): v for k, v in state_dict.items()}
+
+
+def load_unet(source, config=None):
+    """A minisd.UNet holding the weights of a diffusers U-Net file (or state dict), built on
+    the meta device with no random init; `config` defaults to SD 1.5's."""
+    from .unet import UNet, UNetConfig
+    sd = source if isinstance(source, dict) else load_state_dict(source)
+    with torch.device("meta"):
+        model = UNet(config or UNetConfig.sd15())
+    name = "U-Net state dict" if isinstance(source, dict) else str(source)
+    return load_into(model, unet_from_diffusers(sd), name)
+
 # --- VAE: diffusers keys ---------------------------------------------------------------
+# Ours -> diffusers' AutoencoderKL: one table of renames, applied in order to each of our keys.
+_VAE_RENAMES = (
+    (".out.norm.", ".conv_norm_out."),          # encoder/decoder: our final GSC
+    (".out.conv.", ".conv_out."),
+    (".downsample.", ".downsamplers.0."),
+    (".upsample.", ".upsamplers.0."),
+    (".attention.norm.", ".attentions.0.group_norm."),   # mid block's SpatialSelfAttention
+    (".attention.to_out.", ".attentions.0.to_out.0."),
+    (".attention.", ".attentions.0."),
+    (".gsc1.norm.", ".norm1."),                 # ResNetBlock
+    (".gsc1.conv.", ".conv1."),
+    (".gsc2.norm.", ".norm2."),
+    (".gsc2.conv.", ".conv2."),
+    (".skip.", ".conv_shortcut."),
+)
+
+
+def vae_key_map(model):
+    """{our key: diffusers key} for every tensor of a minisd AutoencoderKL."""
+    out = {}
+    for ours in model.state_dict():
+        theirs = ours
+        for a, b in _VAE_RENAMES:
+            theirs = theirs.replace(a, b)
+        out[ours] = theirs
+    return out
+
+
+def load_vae_diffusers(state_dict, config=None, source="the diffusers VAE state dict"):
+    """A minisd AutoencoderKL holding a diffusers `vae/diffusion_pytorch_model.*` state dict.
+
+    Built on the meta device (no random init), then every tensor is assigned: each key of
+    the file must be used, each of ours filled, each shape equal."""
+    from .vae import AutoencoderKL, VAEConfig
+    config = config or VAEConfig.sd15()
+    with torch.device("meta"):
+        model = AutoencoderKL(config)
+    key_map = vae_key_map(model)
+    ours = model.state_dict()
+    if any(k.startswith("first_stage_model.") for k in state_dict):
+        raise WeightsError(f"{source} is in the original single-file layout (first_stage_model.*), "
+                           "not diffusers': load it with minisd.weights.from_original")
+    unused = set(state_dict) - set(key_map.values())
+    if unused:
+        raise WeightsError(f"{source} has {len(unused)} keys a {config.block_out_channels} VAE does not use, "
+                           f"e.g. {sorted(unused)[:3]}: is it a VAE file, and does its config match?")
+    new = {}
+    for k, theirs in key_map.items():
+        if theirs not in state_dict:
+            raise WeightsError(f"{source} lacks {theirs!r} (our {k!r}): a truncated file, or a VAE with "
+                               "a different config (check vae/config.json)")
+        t = state_dict[theirs]
+        if t.shape != ours[k].shape:
+            raise WeightsError(f"{source}: {theirs!r} has shape {tuple(t.shape)}, our {k!r} needs "
+                               f"{tuple(ours[k].shape)}: the file's VAE config differs from {config}")
+        new[k] = t
+    model.load_state_dict(new, assign=True)
+    return model.eval()
+
+
+def save_course_vae(model, path, metadata):
+    """Write a minisd AutoencoderKL (our keys) to safetensors; the config goes in the metadata."""
+    from safetensors.torch import save_file
+    meta = {**metadata, "config": model.config.to_json()}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_course_vae(path):
+    """The AutoencoderKL written by `save_course_vae` (its config and scaling factor from the metadata)."""
+    from safetensors import safe_open
+    from .vae import AutoencoderKL, VAEConfig
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no course VAE at {path}: train one with `python -m minisd train vae`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
+                           "`python -m minisd train vae` (for a diffusers VAE use load_vae_diffusers)")
+    config = VAEConfig.from_json(meta["config"])
+    with torch.device("meta"):
+        model = AutoencoderKL(config)
+    sd = load_state_dict(path)
+    missing = set(model.state_dict()) - set(sd)
+    if missing or set(sd) - set(model.state_dict()):
+        raise WeightsError(f"{path} does not match its own config: missing {sorted(missing)[:3]}, "
+                           f"extra {sorted(set(sd) - set(model.state_dict()))[:3]}")
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
 
 # --- CLIP text encoder: transformers keys ------------------------------------------------
 

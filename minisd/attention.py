@@ -1,0 +1,131 @@
+"""Attention (chapter 3): SelfAttention, CrossAttention, FeedForward with GEGLU,
+BasicTransformerBlock, SpatialTransformer, and the VAE's SpatialSelfAttention.
+
+All attention goes through `F.scaled_dot_product_attention`, which never materialises the
+(B, heads, N, N) matrix.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention: queries from the image tokens x (B, N, dim), keys and values
+    from a context (B, M, context_dim), in the U-Net the 77x768 CLIP text embedding."""
+
+    def __init__(self, dim, context_dim, heads, bias=False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"{dim} channels cannot be split into {heads} heads")
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, N, C = x.shape
+        # (B, N, C) -> (B, heads, N, C/heads)
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
+        return self.to_out(out)
+
+
+class SelfAttention(CrossAttention):
+    """Attention where queries, keys and values all come from the image tokens x (B, N, dim)."""
+
+    def __init__(self, dim, heads, bias=False):
+        super().__init__(dim, dim, heads, bias)
+
+    def forward(self, x):
+        return super().forward(x, x)
+
+
+class SpatialSelfAttention(SelfAttention):
+    """The VAE's attention block: GroupNorm -> single-head SelfAttention over the H*W pixels
+    of a (B, C, H, W) map -> + residual; shape in == shape out.
+
+    The VAE (chapter 5) puts one in each mid block as `SpatialSelfAttention(512)` between
+    two ResNetBlocks (GroupNorm eps 1e-6, q/k/v with biases). Its diffusers keys are
+    `group_norm`, `to_q`, `to_k`, `to_v`, `to_out.0`; ours are `norm`, `to_q`, `to_k`,
+    `to_v`, `to_out`.
+    """
+
+    def __init__(self, channels, groups=32, eps=1e-6):
+        super().__init__(channels, heads=1, bias=True)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        h = super().forward(h)
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        return x + h
+
+
+class GEGLU(nn.Module):
+    """A GELU-gated linear unit: one Linear makes 2x the width, one half gates the other."""
+
+    def __init__(self, dim, inner_dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner_dim)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU -> Dropout -> Linear, applied to every token on its own (width 4x inside)."""
+
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.geglu = GEGLU(dim, mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x):
+        return self.out(self.dropout(self.geglu(x)))
+
+
+class BasicTransformerBlock(nn.Module):
+    """LayerNorm + SelfAttention, LayerNorm + CrossAttention, LayerNorm + FeedForward, each residual."""
+
+    def __init__(self, dim, context_dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> Conv1x1 -> BasicTransformerBlock over the H*W tokens -> Conv1x1 -> + residual.
+
+    Shape in == shape out: (B, C, H, W), with the text context (B, 77, context_dim) mixed in.
+    """
+
+    def __init__(self, channels, context_dim, heads, groups=32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.block = BasicTransformerBlock(channels, context_dim, heads)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, H*W, C)
+        h = self.block(h, context)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, H*W, C) -> (B, C, H, W), NCHW memory
+        return self.proj_out(h) + x

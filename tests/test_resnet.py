@@ -1,0 +1,92 @@
+"""Chapter 2: GSC, Downsample, Upsample and ResNetBlock equal diffusers' blocks on the same weights."""
+import pytest
+import torch
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+
+from minisd.resnet import GSC, Downsample, ResNetBlock, Upsample
+from minisd.weights import unet_key
+
+PREFIX = "down_blocks.0.resnets.0."
+
+
+def renamed(sd, prefix=PREFIX):
+    """diffusers' block keys -> ours, through the U-Net key map."""
+    return {unet_key(prefix + k)[len(prefix):]: v for k, v in sd.items()}
+
+
+def conv_only(sd):
+    """Downsample2D lists its conv twice (as `conv` and the alias `Conv2d_0`)."""
+    return {k: v for k, v in sd.items() if k.startswith("conv.")}
+
+
+@pytest.mark.parametrize("cin,cout", [(64, 64), (64, 128)])
+def test_unet_resnet_block_matches_diffusers(cin, cout):
+    torch.manual_seed(0)
+    theirs = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=96, groups=32, eps=1e-5).eval()
+    ours = ResNetBlock(cin, cout, temb_channels=96, groups=32, eps=1e-5).eval()
+    ours.load_state_dict(renamed(theirs.state_dict()))
+    x, temb = torch.randn(2, cin, 12, 10), torch.randn(2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, temb), theirs(x, temb))
+
+
+def test_vae_resnet_block_without_time_matches_diffusers():
+    torch.manual_seed(0)
+    theirs = ResnetBlock2D(in_channels=64, out_channels=32, temb_channels=None, groups=32, eps=1e-6).eval()
+    ours = ResNetBlock(64, 32, temb_channels=None, groups=32, eps=1e-6).eval()
+    assert ours.time_proj is None
+    ours.load_state_dict(renamed(theirs.state_dict()))
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x, None))
+
+
+def test_eps_matters_at_parity_tolerance():
+    """1e-5 vs 1e-6: the VAE trap of REFERENCE.md, visible on a near-constant input."""
+    torch.manual_seed(0)
+    a, b = GSC(32, 32, eps=1e-5), GSC(32, 32, eps=1e-6)
+    b.load_state_dict(a.state_dict())
+    x = 1 + 1e-3 * torch.randn(1, 32, 8, 8)
+    assert (a(x) - b(x)).abs().max() > 1e-4
+
+
+def test_unet_downsample_matches_diffusers():
+    torch.manual_seed(0)
+    theirs = Downsample2D(32, use_conv=True, padding=1, name="conv")
+    ours = Downsample(32)
+    ours.load_state_dict(conv_only(theirs.state_dict()))
+    x = torch.randn(2, 32, 16, 12)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours(x).shape == (2, 32, 8, 6)
+
+
+def test_vae_downsample_matches_diffusers():
+    torch.manual_seed(0)
+    theirs = Downsample2D(32, use_conv=True, padding=0, name="conv")
+    ours = Downsample(32, asymmetric=True)
+    ours.load_state_dict(conv_only(theirs.state_dict()))
+    x = torch.randn(2, 32, 16, 12)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours(x).shape == (2, 32, 8, 6)
+    plain = Downsample(32)
+    plain.load_state_dict(ours.state_dict())
+    assert (plain(x) - ours(x)).abs().max() > 1e-2  # the two paddings really differ
+
+
+def test_upsample_matches_diffusers():
+    torch.manual_seed(0)
+    theirs = Upsample2D(32, use_conv=True)
+    ours = Upsample(32)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 32, 5, 7)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours(x).shape == (2, 32, 10, 14)
+
+
+def test_resnet_output_depends_on_time():
+    torch.manual_seed(0)
+    block = ResNetBlock(32, 32, temb_channels=16, groups=8)  # 1 channel per group would normalise the shift away
+    x = torch.randn(1, 32, 4, 4)
+    assert (block(x, torch.randn(1, 16)) - block(x, torch.randn(1, 16))).abs().max() > 1e-3
