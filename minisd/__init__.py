@@ -11,3 +11,4 @@ from . import data  # noqa: E402
 from . import tokenizer  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
 from . import diffusion  # noqa: E402
+from . import schedulers  # noqa: E402
