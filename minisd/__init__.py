@@ -12,3 +12,5 @@ from . import tokenizer  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
 from . import diffusion  # noqa: E402
 from . import schedulers  # noqa: E402
+from . import vae  # noqa: E402
+from .vae import AutoencoderKL, VAEConfig  # noqa: E402

@@ -121,75 +121,62 @@ def load_unet(source, config=None):
     return load_into(model, unet_from_diffusers(sd), name)
 
 # --- VAE: diffusers keys ---------------------------------------------------------------
-# Ours -> diffusers' AutoencoderKL: one table of renames, applied in order to each of our keys.
-_VAE_RENAMES = (
-    (".out.norm.", ".conv_norm_out."),          # encoder/decoder: our final GSC
-    (".out.conv.", ".conv_out."),
-    (".downsample.", ".downsamplers.0."),
-    (".upsample.", ".upsamplers.0."),
-    (".attention.norm.", ".attentions.0.group_norm."),   # mid block's SpatialSelfAttention
-    (".attention.to_out.", ".attentions.0.to_out.0."),
-    (".attention.", ".attentions.0."),
-    (".gsc1.norm.", ".norm1."),                 # ResNetBlock
-    (".gsc1.conv.", ".conv1."),
-    (".gsc2.norm.", ".norm2."),
-    (".gsc2.conv.", ".conv2."),
-    (".skip.", ".conv_shortcut."),
-)
+
+# diffusers' name -> ours, applied in order to each key of `vae/diffusion_pytorch_model.*`.
+# The blocks keep diffusers' names (encoder.down_blocks.0.resnets.1, decoder.up_blocks.2, ...);
+# inside them ours follow chapter 2's modules. quant_conv/post_quant_conv keep their names.
+VAE_KEY_MAP = [
+    (r"\.downsamplers\.0\.", ".downsample."),
+    (r"\.upsamplers\.0\.", ".upsample."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid_block.attention.norm."),  # SpatialSelfAttention
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid_block.attention.to_out."),
+    (r"\.mid_block\.attentions\.0\.", ".mid_block.attention."),
+    (r"\.norm1\.", ".gsc1.norm."),                      # ResNetBlock = GSC, GSC, + skip
+    (r"\.conv1\.", ".gsc1.conv."),
+    (r"\.norm2\.", ".gsc2.norm."),
+    (r"\.conv2\.", ".gsc2.conv."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.out.norm."),   # the output GSC
+    (r"^(encoder|decoder)\.conv_out\.", r"\1.out.conv."),
+]
 
 
-def vae_key_map(model):
-    """{our key: diffusers key} for every tensor of a minisd AutoencoderKL."""
-    out = {}
-    for ours in model.state_dict():
-        theirs = ours
-        for a, b in _VAE_RENAMES:
-            theirs = theirs.replace(a, b)
-        out[ours] = theirs
-    return out
+def vae_key(key):
+    """One diffusers VAE key -> ours, e.g. 'encoder.down_blocks.0.downsamplers.0.conv.weight'
+    -> 'encoder.down_blocks.0.downsample.conv.weight'."""
+    for pattern, replacement in VAE_KEY_MAP:
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
-def load_vae_diffusers(state_dict, config=None, source="the diffusers VAE state dict"):
-    """A minisd AutoencoderKL holding a diffusers `vae/diffusion_pytorch_model.*` state dict.
-
-    Built on the meta device (no random init), then every tensor is assigned: each key of
-    the file must be used, each of ours filled, each shape equal."""
-    from .vae import AutoencoderKL, VAEConfig
-    config = config or VAEConfig.sd15()
-    with torch.device("meta"):
-        model = AutoencoderKL(config)
-    key_map = vae_key_map(model)
-    ours = model.state_dict()
+def vae_from_diffusers(state_dict):
+    """A diffusers VAE state dict -> ours (same tensors, renamed)."""
     if any(k.startswith("first_stage_model.") for k in state_dict):
-        raise WeightsError(f"{source} is in the original single-file layout (first_stage_model.*), "
-                           "not diffusers': load it with minisd.weights.from_original")
-    unused = set(state_dict) - set(key_map.values())
-    if unused:
-        raise WeightsError(f"{source} has {len(unused)} keys a {config.block_out_channels} VAE does not use, "
-                           f"e.g. {sorted(unused)[:3]}: is it a VAE file, and does its config match?")
-    new = {}
-    for k, theirs in key_map.items():
-        if theirs not in state_dict:
-            raise WeightsError(f"{source} lacks {theirs!r} (our {k!r}): a truncated file, or a VAE with "
-                               "a different config (check vae/config.json)")
-        t = state_dict[theirs]
-        if t.shape != ours[k].shape:
-            raise WeightsError(f"{source}: {theirs!r} has shape {tuple(t.shape)}, our {k!r} needs "
-                               f"{tuple(ours[k].shape)}: the file's VAE config differs from {config}")
-        new[k] = t
-    model.load_state_dict(new, assign=True)
-    return model.eval()
+        raise WeightsError("this VAE state dict is in the original single-file layout "
+                           "(first_stage_model.*), not diffusers': use minisd.weights.from_original")
+    return {vae_key(k): v for k, v in state_dict.items()}
+
+
+def load_vae(source, config=None):
+    """A minisd AutoencoderKL holding a diffusers VAE file (or state dict), built on the meta
+    device with no random init; `config` defaults to SD 1.5's."""
+    from .vae import AutoencoderKL, VAEConfig
+    sd = source if isinstance(source, dict) else load_state_dict(source)
+    with torch.device("meta"):
+        model = AutoencoderKL(config or VAEConfig.sd15())
+    name = "VAE state dict" if isinstance(source, dict) else str(source)
+    return load_into(model, vae_from_diffusers(sd), name).eval()
 
 
 def save_course_vae(model, path, metadata):
-    """Write a minisd AutoencoderKL (our keys) to safetensors; the config goes in the metadata."""
+    """Write a minisd AutoencoderKL (our keys) to safetensors; its config goes in the metadata."""
     from safetensors.torch import save_file
     meta = {**metadata, "config": model.config.to_json()}
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_course_vae(path):
-    """The AutoencoderKL written by `save_course_vae` (its config and scaling factor from the metadata)."""
+    """The AutoencoderKL written by `save_course_vae` (config and scaling factor from the metadata)."""
     from safetensors import safe_open
     from .vae import AutoencoderKL, VAEConfig
     path = Path(path)
@@ -199,17 +186,10 @@ def load_course_vae(path):
         meta = f.metadata() or {}
     if "config" not in meta:
         raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
-                           "`python -m minisd train vae` (for a diffusers VAE use load_vae_diffusers)")
-    config = VAEConfig.from_json(meta["config"])
+                           "`python -m minisd train vae` (for a diffusers VAE file use load_vae)")
     with torch.device("meta"):
-        model = AutoencoderKL(config)
-    sd = load_state_dict(path)
-    missing = set(model.state_dict()) - set(sd)
-    if missing or set(sd) - set(model.state_dict()):
-        raise WeightsError(f"{path} does not match its own config: missing {sorted(missing)[:3]}, "
-                           f"extra {sorted(set(sd) - set(model.state_dict()))[:3]}")
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
+        model = AutoencoderKL(VAEConfig.from_json(meta["config"]))
+    return load_into(model, load_state_dict(path), str(path)).eval()
 
 
 # --- CLIP text encoder: transformers keys ------------------------------------------------
