@@ -28,7 +28,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch 2.13.0 (CPU)"
   $PIP install -q "torch==2.13.0"
 fi
-TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+TORCH_VERSION=$(.venv/bin/python -W ignore -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
 
 # Everything else, with torch pinned to the installed one so that nothing (a package that
 # wants torchvision, say) can swap it for another build.
