@@ -155,7 +155,7 @@ def to_uint8(x):
     return x.permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (N,3,H,W) -> (N,H,W,3)
 
 
-def show(images, captions=None, ncols=8, scale=1.6):
+def show(images, captions=None, ncols=8, scale=1.6, fontsize=8):
     """A grid of images with their captions underneath; returns the matplotlib figure."""
     import matplotlib.pyplot as plt
     n = len(images)
@@ -168,6 +168,6 @@ def show(images, captions=None, ncols=8, scale=1.6):
             ax.imshow(images[i], interpolation="nearest")
             if captions is not None:
                 # "a red circle in the top left" -> "a red circle\nin the top left"
-                ax.set_title(captions[i].replace(" in the ", "\nin the "), fontsize=8)
+                ax.set_title(captions[i].replace(" in the ", "\nin the "), fontsize=fontsize)
     fig.tight_layout()
     return fig

@@ -17,8 +17,8 @@ from minisd import data  # noqa: E402
 
 
 def course_data(path):
-    images, captions = data.sample(16, seed=2026)
-    fig = data.show(images, captions, ncols=8)
+    images, captions = data.sample(12, seed=2026)
+    fig = data.show(images, captions, ncols=6, fontsize=10)
     fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
