@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 DATA_DIR = Path(os.environ.get("MINISD_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 from . import data  # noqa: E402
+from . import embeddings, resnet, attention, unet, weights  # noqa: E402
+from .unet import UNet, UNetConfig  # noqa: E402
 from . import tokenizer  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
 from . import diffusion  # noqa: E402

@@ -1,0 +1,301 @@
+"""The U-Net (chapter 4): SD 1.x's noise predictor, eps = unet(latents, t, context).
+
+An encoder of CrossAttnDownBlocks and a DownBlock, a CrossAttnMidBlock, and a decoder of an
+UpBlock and CrossAttnUpBlocks that concatenates the encoder's skip features on channels.
+`UNetConfig.sd15()` is the real 859,520,964-parameter model; `UNetConfig.tiny()` the same
+code with small numbers.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SpatialTransformer
+from .embeddings import TimestepEmbedding, timestep_embedding
+from .resnet import GSC, Downsample, ResNetBlock, Upsample
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The numbers that make a U-Net: channels and attention per resolution level, from the top."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_channels: tuple = (320, 640, 1280, 1280)
+    cross_attention: tuple = (True, True, True, False)  # down block i has SpatialTransformers (up blocks mirror)
+    heads: tuple = (8, 8, 8, 8)                          # attention heads per down block (up blocks mirror)
+    layers_per_block: int = 2                             # ResNetBlocks per down block (up blocks have one more)
+    context_dim: int = 768                                # CLIP ViT-L/14's width
+    groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int = 64                                 # latent size the model was trained at (512 px / 8)
+
+    def __post_init__(self):
+        n = len(self.block_channels)
+        if len(self.cross_attention) != n or len(self.heads) != n:
+            raise ValueError(f"block_channels, cross_attention and heads need one entry per block ({n}), got "
+                             f"{len(self.block_channels)}, {len(self.cross_attention)}, {len(self.heads)}")
+        for c in self.block_channels:
+            if c % self.groups:
+                raise ValueError(f"{c} channels cannot be split into {self.groups} GroupNorm groups")
+
+    @classmethod
+    def sd15(cls):
+        """Stable Diffusion 1.5's U-Net (the same for 1.1-1.4)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls):
+        """A 1.5M-parameter U-Net with every kind of block (3 levels: multiples of 4), for tests and demos."""
+        return cls(block_channels=(32, 64, 64), cross_attention=(True, True, False), heads=(2, 2, 2),
+                   layers_per_block=1, context_dim=32, groups=8, sample_size=16)
+
+    @classmethod
+    def from_diffusers(cls, config):
+        """Read a diffusers `unet/config.json` (a path or a dict) of any SD 1.x-style U-Net."""
+        if not isinstance(config, dict):
+            config = json.loads(Path(config).read_text())
+        c = {k: v for k, v in config.items() if not k.startswith("_")}
+        for key, value in c.items():
+            if key not in _DIFFUSERS_KEYS:
+                raise ValueError(f"unet config: unknown key {key!r}; minisd reads SD 1.x-style "
+                                 "UNet2DConditionModel configs")
+            if isinstance(value, (list, tuple)) and len(set(value)) == 1 and key in _FIXED:
+                value = value[0]  # e.g. transformer_layers_per_block: [1, 1, 1, 1] is 1
+            if key in _FIXED and value != _FIXED[key]:
+                hint = " (an SD 2.x config)" if key in ("use_linear_projection", "upcast_attention") else ""
+                raise ValueError(f"unet config: {key}={value!r} is not supported{hint}; minisd's U-Net "
+                                 f"is SD 1.x's, with {key}={_FIXED[key]!r}")
+        down = list(c.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+        up = list(c.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+        mirror = [t.replace("Down", "Up") for t in reversed(down)]
+        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or up != mirror:
+            raise ValueError(f"unet config: down_block_types {down} / up_block_types {up} are not supported; "
+                             "minisd needs CrossAttnDownBlock2D/DownBlock2D and the same blocks mirrored going up")
+        channels = tuple(c.get("block_out_channels", (320, 640, 1280, 1280)))
+        heads = c.get("attention_head_dim", 8)  # in SD 1.x configs this is the number of heads
+        if c.get("num_attention_heads") is not None:
+            raise ValueError("unet config: num_attention_heads is not supported (diffusers rejects it too); "
+                             "SD 1.x configs give the number of heads as attention_head_dim")
+        heads = (heads,) * len(channels) if isinstance(heads, int) else tuple(heads)
+        layers = c.get("layers_per_block", 2)
+        context = c.get("cross_attention_dim", 1280)
+        if not isinstance(layers, int) or not isinstance(context, int):
+            raise ValueError("unet config: per-block layers_per_block / cross_attention_dim lists are not "
+                             "supported; SD 1.x uses one number for each")
+        size = c.get("sample_size", 64)
+        return cls(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
+                   block_channels=channels, cross_attention=tuple(t == "CrossAttnDownBlock2D" for t in down),
+                   heads=heads, layers_per_block=layers, context_dim=context,
+                   groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
+                   sample_size=size if isinstance(size, int) else size[0])
+
+    def to_diffusers(self):
+        """The same architecture as keyword arguments of diffusers' UNet2DConditionModel
+        (for building the reference model in parity tests and benchmarks)."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention]
+        return dict(sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
+                    down_block_types=down, up_block_types=[t.replace("Down", "Up") for t in reversed(down)],
+                    block_out_channels=list(self.block_channels), layers_per_block=self.layers_per_block,
+                    norm_num_groups=self.groups, norm_eps=self.norm_eps, cross_attention_dim=self.context_dim,
+                    attention_head_dim=list(self.heads))
+
+
+# UNet2DConditionModel's options that SD 1.x leaves at these values; anything else is refused.
+_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "dual_cross_attention": False, "use_linear_projection": False, "class_embed_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+}
+_DIFFUSERS_KEYS = set(_FIXED) | {
+    "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
+    "num_attention_heads",
+}
+
+
+class DownBlock(nn.Module):
+    """ResNetBlocks, then a Downsample (except at the lowest level); every output is a skip."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, layers, downsample, groups=32, eps=1e-5):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResNetBlock(in_channels if i == 0 else out_channels, out_channels,
+                                                 temb_channels, groups, eps) for i in range(layers))
+        self.downsample = Downsample(out_channels) if downsample else None
+
+    def forward(self, x, temb, context=None):
+        skips = []
+        for resnet in self.resnets:
+            x = resnet(x, temb)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            skips.append(x)
+        return x, skips
+
+
+class CrossAttnDownBlock(DownBlock):
+    """(ResNetBlock + SpatialTransformer) x layers, then a Downsample; every output is a skip."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, layers, downsample, heads, context_dim,
+                 groups=32, eps=1e-5):
+        super().__init__(in_channels, out_channels, temb_channels, layers, downsample, groups, eps)
+        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups)
+                                        for _ in range(layers))
+
+    def forward(self, x, temb, context=None):
+        skips = []
+        for resnet, attention in zip(self.resnets, self.attentions):
+            x = attention(resnet(x, temb), context)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            skips.append(x)
+        return x, skips
+
+
+class CrossAttnMidBlock(nn.Module):
+    """ResNetBlock -> SpatialTransformer -> ResNetBlock, at the lowest resolution."""
+
+    def __init__(self, channels, temb_channels, heads, context_dim, groups=32, eps=1e-5):
+        super().__init__()
+        self.resnet1 = ResNetBlock(channels, channels, temb_channels, groups, eps)
+        self.attention = SpatialTransformer(channels, context_dim, heads, groups)
+        self.resnet2 = ResNetBlock(channels, channels, temb_channels, groups, eps)
+
+    def forward(self, x, temb, context):
+        return self.resnet2(self.attention(self.resnet1(x, temb), context), temb)
+
+
+class UpBlock(nn.Module):
+    """ResNetBlocks that each first concatenate an encoder skip on channels, then an Upsample
+    (except at the top level).
+
+    `in_channels` is the width of this level's encoder output, `prev_channels` the width
+    coming up from below; the last ResNetBlock takes the skip from the level above.
+    """
+
+    def __init__(self, in_channels, out_channels, prev_channels, temb_channels, layers, upsample,
+                 groups=32, eps=1e-5):
+        super().__init__()
+        resnets = []
+        for i in range(layers):
+            skip = in_channels if i == layers - 1 else out_channels
+            below = prev_channels if i == 0 else out_channels
+            resnets.append(ResNetBlock(below + skip, out_channels, temb_channels, groups, eps))
+        self.resnets = nn.ModuleList(resnets)
+        self.upsample = Upsample(out_channels) if upsample else None
+
+    def forward(self, x, skips, temb, context=None):
+        for resnet in self.resnets:
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C, H, W) + (B, C_skip, H, W)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class CrossAttnUpBlock(UpBlock):
+    """(concat skip -> ResNetBlock -> SpatialTransformer) x layers, then an Upsample."""
+
+    def __init__(self, in_channels, out_channels, prev_channels, temb_channels, layers, upsample, heads,
+                 context_dim, groups=32, eps=1e-5):
+        super().__init__(in_channels, out_channels, prev_channels, temb_channels, layers, upsample, groups, eps)
+        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups)
+                                        for _ in range(layers))
+
+    def forward(self, x, skips, temb, context=None):
+        for resnet, attention in zip(self.resnets, self.attentions):
+            x = attention(resnet(torch.cat([x, skips.pop()], dim=1), temb), context)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class UNet(nn.Module):
+    """SD 1.x's U-Net: predicts the noise in latents (B, 4, H, W) at timestep t given a text
+    context (B, 77, 768). H and W must be multiples of 8 (2 ** number of Downsamples)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = c = config or UNetConfig.sd15()
+        ch, n = c.block_channels, len(c.block_channels)
+        temb = 4 * ch[0]
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            args = (ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, i < n - 1)
+            if c.cross_attention[i]:
+                block = CrossAttnDownBlock(*args, c.heads[i], c.context_dim, c.groups, c.norm_eps)
+            else:
+                block = DownBlock(*args, c.groups, c.norm_eps)
+            self.down_blocks.append(block)
+
+        self.mid_block = CrossAttnMidBlock(ch[-1], temb, c.heads[-1], c.context_dim, c.groups, c.norm_eps)
+
+        self.up_blocks = nn.ModuleList()
+        up_ch, up_heads, up_attn = ch[::-1], c.heads[::-1], c.cross_attention[::-1]
+        for i in range(n):
+            args = (up_ch[min(i + 1, n - 1)], up_ch[i], up_ch[max(i - 1, 0)], temb, c.layers_per_block + 1,
+                    i < n - 1)
+            if up_attn[i]:
+                block = CrossAttnUpBlock(*args, up_heads[i], c.context_dim, c.groups, c.norm_eps)
+            else:
+                block = UpBlock(*args, c.groups, c.norm_eps)
+            self.up_blocks.append(block)
+
+        self.out = GSC(ch[0], c.out_channels, c.groups, c.norm_eps)
+
+    @classmethod
+    def from_diffusers(cls, folder):
+        """Load a diffusers U-Net folder (`config.json` + `diffusion_pytorch_model.safetensors`,
+        or the pipeline folder holding `unet/`) without random initialisation."""
+        from .weights import load_unet
+        folder = Path(folder)
+        if (folder / "unet" / "config.json").exists():
+            folder = folder / "unet"
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"no config.json in {folder}: pass a diffusers unet/ folder or the pipeline "
+                                    "folder that holds it")
+        files = [folder / f"diffusion_pytorch_model{ext}" for ext in (".safetensors", ".bin")]
+        weights = next((f for f in files if f.exists()), None)
+        if weights is None:
+            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
+        return load_unet(weights, UNetConfig.from_diffusers(folder / "config.json"))
+
+    def forward(self, x, t, context):
+        B, _, H, W = x.shape
+        factor = 2 ** (len(self.config.block_channels) - 1)
+        if H % factor or W % factor:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of {factor}: each of the U-Net's "
+                             f"{len(self.config.block_channels) - 1} Downsamples halves it and the decoder must "
+                             f"meet the same sizes going up; use e.g. {H // factor * factor or factor}x"
+                             f"{W // factor * factor or factor} (pixels: a multiple of {8 * factor} with the SD VAE)")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t[None]
+        t = t.expand(B)  # one timestep for the whole batch, or one per sample
+        temb = self.time_embedding(timestep_embedding(t, self.config.block_channels[0]).to(x.dtype))
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, temb, context)
+            skips += s
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, context)
+        return self.out(x)
