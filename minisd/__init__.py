@@ -16,3 +16,5 @@ from . import diffusion  # noqa: E402
 from . import schedulers  # noqa: E402
 from . import vae  # noqa: E402
 from .vae import AutoencoderKL, VAEConfig  # noqa: E402
+from . import pipeline  # noqa: E402
+from .pipeline import StableDiffusion  # noqa: E402

@@ -195,3 +195,318 @@ def load_course_vae(path):
 # --- CLIP text encoder: transformers keys ------------------------------------------------
 
 # --- original single-file layout (model.diffusion_model.*, first_stage_model.*, ...) ------
+
+# The files SD 1.x was released as (CompVis / RunwayML `v1-5-pruned.ckpt` and its .safetensors)
+# hold the whole LatentDiffusion model in one file, under three prefixes:
+UNET_PREFIX = "model.diffusion_model."             # the U-Net
+VAE_PREFIX = "first_stage_model."                  # the VAE
+TEXT_PREFIX = "cond_stage_model.transformer."      # CLIP's text model, in transformers' own names
+
+# Everything else such a file may hold, none of which inference needs:
+IGNORED_PREFIXES = ("model_ema.",)  # EMA copies of the U-Net, plus model_ema.decay / num_updates
+IGNORED_KEYS = {
+    # LatentDiffusion's training noise schedule, registered as buffers (minisd.diffusion recomputes it)
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+    # CLIP's position ids 0..76, a buffer (with or without transformers' text_model. level)
+    TEXT_PREFIX + "text_model.embeddings.position_ids", TEXT_PREFIX + "embeddings.position_ids",
+}
+
+# Inside the blocks: (pattern over our key, the original's), applied in order with re.sub.
+# A U-Net ResNetBlock: in_layers = [GroupNorm, SiLU, Conv], emb_layers = [SiLU, Linear],
+# out_layers = [GroupNorm, SiLU, Dropout, Conv] are Sequentials there, so their indices are names.
+UNET_RESNET_ORIGINAL = [(r"^gsc1\.norm\.", "in_layers.0."), (r"^gsc1\.conv\.", "in_layers.2."),
+                        (r"^time_proj\.", "emb_layers.1."), (r"^gsc2\.norm\.", "out_layers.0."),
+                        (r"^gsc2\.conv\.", "out_layers.3."), (r"^skip\.", "skip_connection.")]
+# A SpatialTransformer (norm, proj_in, proj_out, attn1/2.to_q/k/v, norm1-3 keep their names):
+UNET_ATTENTION_ORIGINAL = [(r"^block\.", "transformer_blocks.0."), (r"\.to_out\.", ".to_out.0."),
+                           (r"\.ff\.geglu\.proj\.", ".ff.net.0.proj."), (r"\.ff\.out\.", ".ff.net.2.")]
+# A VAE ResNetBlock, and the VAE's mid-block attention (1x1 convs in the original):
+VAE_RESNET_ORIGINAL = [(r"^gsc1\.norm\.", "norm1."), (r"^gsc1\.conv\.", "conv1."), (r"^gsc2\.norm\.", "norm2."),
+                       (r"^gsc2\.conv\.", "conv2."), (r"^skip\.", "nin_shortcut.")]
+VAE_ATTENTION_ORIGINAL = [(r"^to_q\.", "q."), (r"^to_k\.", "k."), (r"^to_v\.", "v."), (r"^to_out\.", "proj_out.")]
+
+
+def _rename(rest, table):
+    """Apply each (pattern, replacement) of `table` to `rest`, in order."""
+    for pattern, replacement in table:
+        rest = re.sub(pattern, replacement, rest)
+    return rest
+
+
+def unet_original_key(key, config):
+    """Our U-Net key -> the original's (without `model.diffusion_model.`).
+
+    The original numbers every block of the encoder in one list, `input_blocks` (conv_in, then per
+    level L ResNetBlocks each with its SpatialTransformer at `.1`, then the Downsample), and the
+    decoder in `output_blocks` (per level L + 1 of them, the Upsample inside the last one), e.g. at
+    SD 1.5's config 'down_blocks.1.resnets.0.gsc1.conv.weight' -> 'input_blocks.4.0.in_layers.2.weight'.
+    """
+    L = config.layers_per_block
+    up_attention = config.cross_attention[::-1]
+    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+             "time_embedding.linear_2.": "time_embed.2.", "out.norm.": "out.0.", "out.conv.": "out.2.",
+             "mid_block.resnet1.": "middle_block.0.", "mid_block.attention.": "middle_block.1.",
+             "mid_block.resnet2.": "middle_block.2."}
+    for ours, original in fixed.items():
+        if key.startswith(ours):
+            rest = key[len(ours):]
+            if ours.startswith("mid_block.resnet"):
+                rest = _rename(rest, UNET_RESNET_ORIGINAL)
+            elif ours == "mid_block.attention.":
+                rest = _rename(rest, UNET_ATTENTION_ORIGINAL)
+            return original + rest
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsample|upsample)\.(?:(\d+)\.)?(.*)", key)
+    if m is None:
+        raise KeyError(f"no original name for U-Net key {key!r}")
+    side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4), m.group(5)
+    if kind == "downsample":                                  # rest = 'conv.weight'
+        return f"input_blocks.{(i + 1) * (L + 1)}.0.op.{rest[len('conv.'):]}"
+    if kind == "upsample":                                    # after the ResNetBlock (and attention)
+        return f"output_blocks.{i * (L + 1) + L}.{2 if up_attention[i] else 1}.{rest}"
+    j = int(j)
+    index = 1 + i * (L + 1) + j if side == "down" else i * (L + 1) + j
+    blocks = "input_blocks" if side == "down" else "output_blocks"
+    if kind == "resnets":
+        return f"{blocks}.{index}.0.{_rename(rest, UNET_RESNET_ORIGINAL)}"
+    return f"{blocks}.{index}.1.{_rename(rest, UNET_ATTENTION_ORIGINAL)}"
+
+
+def vae_original_key(key, config):
+    """Our VAE key -> the original's (without `first_stage_model.`).
+
+    The original numbers the decoder's up blocks from the bottom: our decoder.up_blocks.0 (the
+    first to run) is its decoder.up.3 at SD 1.5's config, e.g.
+    'decoder.up_blocks.0.resnets.1.gsc1.conv.weight' -> 'decoder.up.3.block.1.conv1.weight'.
+    """
+    n = len(config.block_out_channels)
+    part, rest = key.split(".", 1)
+    if part not in ("encoder", "decoder"):
+        return key                                                  # quant_conv, post_quant_conv
+    for ours, original in (("out.norm.", "norm_out."), ("out.conv.", "conv_out."), ("conv_in.", "conv_in.")):
+        if rest.startswith(ours):
+            return f"{part}.{original}{rest[len(ours):]}"
+    m = re.match(r"mid_block\.(resnets\.(\d)|attention)\.(.*)", rest)
+    if m:
+        if m.group(1) == "attention":
+            return f"{part}.mid.attn_1.{_rename(m.group(3), VAE_ATTENTION_ORIGINAL)}"
+        return f"{part}.mid.block_{int(m.group(2)) + 1}.{_rename(m.group(3), VAE_RESNET_ORIGINAL)}"
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(?:resnets\.(\d+)\.(.*)|(downsample|upsample)\.(.*))", rest)
+    if m is None:
+        raise KeyError(f"no original name for VAE key {key!r}")
+    i = int(m.group(2)) if m.group(1) == "down" else n - 1 - int(m.group(2))  # decoder counts from the bottom
+    level = f"{part}.{m.group(1)}.{i}"
+    if m.group(5):
+        return f"{level}.{m.group(5)}.{m.group(6)}"
+    return f"{level}.block.{m.group(3)}.{_rename(m.group(4), VAE_RESNET_ORIGINAL)}"
+
+
+def _is_vae_attention(original_key):
+    """The VAE mid-block q/k/v/proj_out weights: 1x1 convs (C, C, 1, 1) there, Linear (C, C) here."""
+    return re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", original_key) is not None
+
+
+def unet_config_from_original(sd, source):
+    """Infer a UNetConfig from the tensor shapes of an original U-Net state dict (prefix removed).
+
+    Shapes do not store the number of attention heads or GroupNorm groups: SD 1.x uses 8 heads
+    and 32 groups everywhere, and a model trained at 512 px has sample_size 64."""
+    from .unet import UNetConfig
+    k_key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if k_key in sd and sd[k_key].shape[-1] == 1024:
+        raise WeightsError(f"{source}: {UNET_PREFIX}{k_key} has shape {tuple(sd[k_key].shape)} but SD 1.x has "
+                           "(320, 768): cross-attention width 1024 (OpenCLIP ViT-H) means an SD 2.x file; "
+                           "minisd loads SD 1.x (1.1-1.5 and their fine-tunes)")
+    p_key = "input_blocks.1.1.proj_in.weight"
+    if p_key in sd and sd[p_key].ndim == 2:
+        raise WeightsError(f"{source}: {UNET_PREFIX}{p_key} has shape {tuple(sd[p_key].shape)} (a Linear) but "
+                           f"SD 1.x has a 1x1 conv ({sd[p_key].shape[0]}, {sd[p_key].shape[1]}, 1, 1): "
+                           "use_linear_projection is SD 2.x's; minisd loads SD 1.x")
+    for key in ("input_blocks.0.0.weight", "out.2.weight"):
+        if key not in sd:
+            raise WeightsError(f"{source}: no {UNET_PREFIX}{key}; the U-Net in this file is incomplete")
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")}
+    levels = 1 + sum(f"input_blocks.{b}.0.op.weight" in sd for b in blocks)   # one Downsample per level but the last
+    L = (len(blocks) - levels) // levels                                       # 1 + levels * L + (levels - 1) blocks
+    first = [1 + i * (L + 1) for i in range(levels)]                           # first ResNetBlock of each level
+    context = next((sd[f"input_blocks.{b}.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1] for b in first
+                    if f"input_blocks.{b}.1.transformer_blocks.0.attn2.to_k.weight" in sd), 768)
+    return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+                      block_channels=tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first),
+                      cross_attention=tuple(f"input_blocks.{b}.1.proj_in.weight" in sd for b in first),
+                      heads=(8,) * levels, layers_per_block=L, context_dim=context)
+
+
+def vae_config_from_original(sd, source):
+    """Infer a VAEConfig from an original VAE state dict (prefix removed); 32 GroupNorm groups
+    and SD's scaling factor 0.18215, which the file does not store."""
+    from .vae import VAEConfig
+    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+        raise WeightsError(f"{source}: no {VAE_PREFIX}encoder.conv_in.weight / post_quant_conv.weight; "
+                           "the VAE in this file is missing or incomplete")
+    levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
+    layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    return VAEConfig(block_out_channels=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]
+                                              for i in range(levels)),
+                     layers_per_block=layers, latent_channels=sd["post_quant_conv.weight"].shape[0],
+                     in_channels=sd["encoder.conv_in.weight"].shape[1])
+
+
+def _load_original_part(model, sd, original_key, prefix, source, device, dtype):
+    """Load one component from its original-layout tensors (prefix removed) into `model` (meta):
+    every key of the model must be in `sd` with the right shape, and every key of `sd` used."""
+    ours = model.state_dict()
+    names = {original_key(k): k for k in ours}                          # original -> ours
+    unused = [k for k in sd if k not in names]
+    if unused:
+        raise WeightsError(f"{source}: {len(unused)} key(s) under {prefix} that an SD 1.x model does not have, "
+                           f"e.g. {[prefix + k for k in unused[:3]]}; the file is not an SD 1.x checkpoint "
+                           "(a LoRA, an SD 2.x/SDXL file or a different architecture?)")
+    missing = [k for k in names if k not in sd]
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} key(s) missing, e.g. {[prefix + k for k in missing[:3]]}; "
+                           "the file is truncated, pruned of this component, or from another architecture")
+    renamed = {}
+    for key, name in names.items():
+        tensor, want = sd[key], tuple(ours[name].shape)
+        if _is_vae_attention(key) and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]                                  # (C, C, 1, 1) -> (C, C)
+        if tuple(tensor.shape) != want:
+            cause = "the file and the model inferred from its other tensors disagree"
+            if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) and tensor.shape[-1] == 1024:
+                cause = "cross-attention width 1024: this is an SD 2.x file, minisd loads SD 1.x"
+            raise WeightsError(f"{source}: {prefix}{key} has shape {tuple(sd[key].shape)} in the file but "
+                               f"{want} in the model ({cause})")
+        renamed[name] = tensor.to(device=device, dtype=dtype)
+    return load_into(model, renamed, source).eval()
+
+
+def split_original(sd, source="state dict"):
+    """An original single-file state dict -> (unet, vae, text) dicts with their prefixes removed.
+
+    Every key must be one of the three components or named in IGNORED_PREFIXES / IGNORED_KEYS;
+    a LoRA file or a diffusers-layout file gets an error that says so."""
+    if any(k.startswith(("lora_", "lora_unet_", "lora_te_")) or ".lora_" in k or ".lora." in k for k in sd):
+        raise WeightsError(f"{source}: this looks like a LoRA file (keys such as "
+                           f"{next(k for k in sd if 'lora' in k)!r}), not a full SD 1.x checkpoint: load the base "
+                           "model with from_pretrained, then the LoRA with minisd.lora.load(pipe, path)")
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in sd):
+            raise WeightsError(f"{source}: this is one component in diffusers' layout, not an original "
+                               "single file: pass the diffusers folder that holds unet/, vae/ and text_encoder/")
+        raise WeightsError(f"{source}: no {UNET_PREFIX}* keys, so this is not an original SD 1.x single file "
+                           f"(first keys: {list(sd)[:3]})")
+    parts = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+    unknown = []
+    for key, tensor in sd.items():
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            continue
+        if prefix is None:
+            unknown.append(key)
+        else:
+            parts[prefix][key[len(prefix):]] = tensor
+    if unknown:
+        raise WeightsError(f"{source}: {len(unknown)} key(s) that are neither the U-Net, the VAE, the text "
+                           f"encoder nor a known training buffer, e.g. {unknown[:3]}: not an SD 1.x checkpoint")
+    return parts[UNET_PREFIX], parts[VAE_PREFIX], parts[TEXT_PREFIX]
+
+
+def _vae_dtype(dtype):
+    """SD's VAE overflows in float16 at 512 px (black images): keep it in float32, as diffusers'
+    force_upcast does; bfloat16 has float32's range and needs no upcast."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
+    """A StableDiffusion from an original single-file state dict (chapter 11), configs inferred
+    from the tensor shapes, built on the meta device and filled with the file's tensors."""
+    from .pipeline import StableDiffusion
+    from .unet import UNet
+    from .vae import AutoencoderKL
+    unet_sd, vae_sd, text_sd = split_original(sd, source)
+    unet_config = unet_config_from_original(unet_sd, source)
+    vae_config = vae_config_from_original(vae_sd, source)
+    with torch.device("meta"):
+        unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
+    unet = _load_original_part(unet, unet_sd, lambda k: unet_original_key(k, unet_config), UNET_PREFIX,
+                               source, device, dtype)
+    vae = _load_original_part(vae, vae_sd, lambda k: vae_original_key(k, vae_config), VAE_PREFIX,
+                              source, device, _vae_dtype(dtype))
+    text_encoder = text_encoder_from_original(text_sd, source, device, dtype)
+    return StableDiffusion(unet, vae, text_encoder)
+
+
+def to_original(pipe):
+    """The original single-file state dict of a StableDiffusion (what `from_original` reads):
+    the same tensors under the original names, the VAE attention as 1x1 conv weights."""
+    sd = {}
+    for key, tensor in pipe.unet.state_dict().items():
+        sd[UNET_PREFIX + unet_original_key(key, pipe.unet.config)] = tensor
+    for key, tensor in pipe.vae.state_dict().items():
+        name = vae_original_key(key, pipe.vae.config)
+        sd[VAE_PREFIX + name] = tensor[:, :, None, None] if _is_vae_attention(name) else tensor  # (C, C) -> (C, C, 1, 1)
+    for key, tensor in text_encoder_to_original(pipe.text_encoder).items():
+        sd[TEXT_PREFIX + key] = tensor
+    return sd
+
+
+# --- diffusers folders: unet/, vae/, text_encoder/, each with its config.json ---------------------
+
+def _text_config_from_transformers(config):
+    """A transformers CLIPTextConfig (`text_encoder/config.json`, as a dict) -> ours."""
+    from .clip import CLIPTextConfig
+    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise WeightsError(f"text_encoder/config.json: hidden_act={config['hidden_act']!r}; SD 1.x's CLIP uses "
+                           "quick_gelu (an SD 2.x OpenCLIP text encoder uses gelu)")
+    return CLIPTextConfig(vocab_size=config.get("vocab_size", 49408), width=config.get("hidden_size", 512),
+                          layers=config.get("num_hidden_layers", 12), heads=config.get("num_attention_heads", 8),
+                          mlp_width=config.get("intermediate_size", 2048),
+                          positions=config.get("max_position_embeddings", 77), eps=config.get("layer_norm_eps", 1e-5))
+
+
+def from_diffusers(unet, vae, text_encoder, unet_config=None, vae_config=None, text_config=None,
+                   device="cpu", dtype=torch.float32):
+    """A StableDiffusion from the three parts in diffusers' layout, each a state dict or a file
+    (configs: SD 1.5's unless given; text-encoder keys with or without `text_model.`)."""
+    from .pipeline import StableDiffusion
+    unet = load_unet(unet, unet_config).to(device=device, dtype=dtype)
+    vae = load_vae(vae, vae_config).to(device=device, dtype=_vae_dtype(dtype))
+    text_encoder = load_text_encoder(text_encoder, text_config, device=device, dtype=dtype)
+    return StableDiffusion(unet, vae, text_encoder)
+
+
+def _component_file(folder, names):
+    """The first of `names` in `folder`, or a FileNotFoundError that lists what was looked for."""
+    for name in names:
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {names}")
+
+
+def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
+    """A StableDiffusion from a diffusers pipeline folder: reads each part's config.json and
+    weights (safetensors preferred, a .bin through torch.load(weights_only=True))."""
+    import json
+    from .unet import UNetConfig
+    from .vae import VAEConfig
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a diffusers SD folder: {part}/config.json is missing "
+                                    "(expected unet/, vae/ and text_encoder/, each with config.json and weights)")
+    unet_file = _component_file(folder / "unet", ["diffusion_pytorch_model.safetensors",
+                                                  "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"])
+    vae_file = _component_file(folder / "vae", ["diffusion_pytorch_model.safetensors",
+                                                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"])
+    text_file = _component_file(folder / "text_encoder", ["model.safetensors", "model.fp16.safetensors",
+                                                          "pytorch_model.bin"])
+    text_config = _text_config_from_transformers(json.loads((folder / "text_encoder" / "config.json").read_text()))
+    try:
+        unet_config = UNetConfig.from_diffusers(folder / "unet" / "config.json")
+        vae_config = VAEConfig.from_diffusers(folder / "vae" / "config.json")
+    except ValueError as e:
+        raise WeightsError(f"{folder}: {e}") from e
+    return from_diffusers(unet_file, vae_file, text_file, unet_config, vae_config, text_config, device, dtype)
