@@ -62,8 +62,8 @@ class SpatialSelfAttention(SelfAttention):
         B, C, H, W = x.shape
         h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         h = super().forward(h)
-        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
-        return x + h
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W), a strided view
+        return x + h  # x first: the sum comes out contiguous NCHW, not in h's channels-last strides
 
 
 class GEGLU(nn.Module):
@@ -104,9 +104,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # each residual is added in place into the sublayer's fresh output (same sums, fewer buffers)
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -128,4 +129,4 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, H*W, C)
         h = self.block(h, context)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, H*W, C) -> (B, C, H, W), NCHW memory
-        return self.proj_out(h) + x
+        return self.proj_out(h).add_(x)

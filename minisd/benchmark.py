@@ -1,9 +1,20 @@
 """`python -m minisd benchmark`: minisd vs diffusers on the same random weights, side by side.
 
-Each component is one function (`bench_unet`, ...) that builds both models from the same
-weight file, runs them interleaved in one process and prints medians and ratios.
+One function per component (`bench_unet`; the VAE and the pipeline can join as
+`bench_vae`, ... and a `--component` choice): it writes one random weight file in the
+reference's format, times both libraries from that file to a ready model (each in a fresh
+process, which also gives each side's own peak memory), then times their forward passes
+interleaved in one process on the very same tensors, and prints medians and ratios.
 """
+import argparse
+import json
 import math
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -22,3 +33,144 @@ def random_weights(model, seed=0):
         else:
             sd[key] = 0.1 * torch.randn(p.shape, generator=g)
     return sd
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _timed_step(step, device):
+    """Seconds and minor page faults of one call of step()."""
+    _sync(device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def _interleaved(steps, device, repeats):
+    """Time each named step `repeats` times, alternating the order (ABBA...), after a warm-up."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    faults = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            s, f = _timed_step(steps[name], device)
+            times[name].append(s)
+            faults[name].append(f)
+    return ({n: statistics.median(v) for n, v in times.items()},
+            {n: statistics.median(v) for n, v in faults.items()})
+
+
+# --- U-Net -----------------------------------------------------------------------------
+
+def _unet_load_and_step(side, folder, size, device, dtype, batch, context_dim):
+    """In a fresh process: weight file -> ready model (seconds), then one step; peak memory."""
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    if side == "minisd":
+        from .unet import UNet
+        start = time.perf_counter()  # the clock starts after the library's import
+        model = UNet.from_diffusers(folder).to(device, dtype).eval()
+        step = lambda x, t, c: model(x, t, c)  # noqa: E731
+    else:
+        from diffusers import UNet2DConditionModel
+        start = time.perf_counter()
+        model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+        step = lambda x, t, c: model(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    _sync(device)
+    load_s = time.perf_counter() - start
+    x, ctx = _unet_inputs(context_dim, batch, size, device, dtype)
+    with torch.no_grad():
+        step(x, torch.tensor([500] * batch, device=device), ctx)
+    _sync(device)
+    return load_s, _peak_memory_gib(device)
+
+
+def _unet_inputs(context_dim, batch, size, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
+    ctx = torch.randn(batch, 77, context_dim, generator=g).to(device, dtype)
+    return x, ctx
+
+
+def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False):
+    """minisd.UNet vs diffusers' UNet2DConditionModel at SD 1.5 size (or the tiny config for
+    a smoke run), on the same random weights."""
+    from diffusers import UNet2DConditionModel
+
+    from . import weights
+    from .unet import UNetConfig
+
+    config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
+    print(f"U-Net, {'tiny' if tiny else 'SD 1.5'} config, random weights, batch {batch}, {dtype}, {device}, "
+          f"{torch.get_num_threads()} threads, medians of {repeats}")
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("meta"):
+            theirs = UNet2DConditionModel(**config.to_diffusers())
+        theirs.load_state_dict(random_weights(theirs), assign=True)
+        theirs.save_pretrained(tmp)  # config.json + diffusion_pytorch_model.safetensors
+        del theirs
+        spawn = multiprocessing.get_context("spawn")
+        print(f"\nweight file -> ready model, then one step at 4x{max(sizes)}x{max(sizes)} (fresh process each):")
+        loads = {}
+        for side in ("minisd", "diffusers"):
+            with spawn.Pool(1) as pool:
+                loads[side] = pool.apply(_unet_load_and_step, (side, tmp, max(sizes), device, dtype, batch,
+                                                            config.context_dim))
+            print(f"  {side:9s} load {loads[side][0]:6.2f} s   peak memory {loads[side][1]:5.2f} GiB")
+        print(f"  ratio     load {loads['minisd'][0] / loads['diffusers'][0]:6.2f}    "
+              f"peak memory {loads['minisd'][1] / loads['diffusers'][1]:5.2f}")
+
+        theirs = UNet2DConditionModel.from_pretrained(tmp, torch_dtype=getattr(torch, dtype)).to(device).eval()
+    ours = weights.load_unet(theirs.state_dict(), config).eval()  # the very same tensors
+    results = {}
+    for size in sizes:
+        x, ctx = _unet_inputs(config.context_dim, batch, size, torch.device(device), getattr(torch, dtype))
+        t = torch.tensor([500] * batch, device=device)
+        with torch.no_grad():
+            times, faults = _interleaved({
+                "minisd": lambda: ours(x, t, ctx),
+                "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
+            }, torch.device(device), repeats)
+        ratio = times["minisd"] / times["diffusers"]
+        results[size] = dict(times=times, faults=faults, ratio=ratio)
+        print(f"\nstep at 4x{size}x{size}:")
+        for side in times:
+            print(f"  {side:9s} {times[side]:7.3f} s   {faults[side]:10,.0f} minor page faults")
+        print(f"  ratio minisd/diffusers {ratio:.2f}")
+    return dict(loads=loads, steps=results)
+
+
+COMPONENTS = {"unet": bench_unet}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minisd benchmark",
+                                     description="minisd vs diffusers on the same random SD 1.5 weights")
+    parser.add_argument("--component", choices=sorted(COMPONENTS), default="unet")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--sizes", default="32,64", help="latent sizes, comma-separated (default 32,64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="the tiny config: a smoke run, not a benchmark")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.dtype == "float16" and args.device == "cpu":
+        parser.error("--dtype float16 needs --device cuda (fp16 convolutions on CPU are not what SD runs)")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result = COMPONENTS[args.component](args.device, args.dtype, sizes, args.repeats, tiny=args.tiny)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0

@@ -16,7 +16,7 @@ class GSC(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.silu(self.norm(x)))
+        return self.conv(F.silu(self.norm(x), inplace=True))  # in place: the norm's output is ours to reuse
 
 
 class Downsample(nn.Module):
@@ -65,6 +65,7 @@ class ResNetBlock(nn.Module):
     def forward(self, x, temb=None):
         h = self.gsc1(x)
         if self.time_proj is not None:
-            h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+            h += self.time_proj(F.silu(temb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1), added to every pixel
         h = self.gsc2(h)
-        return self.skip(x) + h
+        h += self.skip(x)  # in place on a fresh conv output: no extra (B, C, H, W) buffer
+        return h

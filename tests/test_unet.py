@@ -198,3 +198,18 @@ def test_sd15_unet_matches_diffusers():
     gc.collect()
     assert out.shape == (2, 4, 32, 32)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
+def test_training_gradients_match_diffusers():
+    """The in-place adds and SiLUs of the forward pass leave autograd's gradients intact."""
+    torch.manual_seed(3)
+    theirs = UNet2DConditionModel(**UNetConfig.tiny().to_diffusers())
+    ours = UNet(UNetConfig.tiny())
+    ours.load_state_dict(weights.unet_from_diffusers(theirs.state_dict()))
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), torch.tensor([5, 600])
+    target = torch.randn(2, 4, 8, 8)
+    ((ours(x, t, ctx) - target) ** 2).mean().backward()
+    ((theirs(x, t, encoder_hidden_states=ctx).sample - target) ** 2).mean().backward()
+    grads = {k: p.grad for k, p in ours.named_parameters()}
+    for key, p in theirs.named_parameters():
+        torch.testing.assert_close(grads[weights.unet_key(key)], p.grad, rtol=1e-4, atol=1e-6)
