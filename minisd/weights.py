@@ -194,6 +194,109 @@ def load_course_vae(path):
 
 # --- CLIP text encoder: transformers keys ------------------------------------------------
 
+# Our CLIPTextEncoder uses transformers' CLIPTextModel names, so the map is short: the real
+# SD 1.5 folder (text_encoder/model.safetensors, transformers 4.x) puts every key under
+# `text_model.` and adds the buffer `text_model.embeddings.position_ids` (0..76, recomputed
+# here); transformers 5.x saves the same keys without `text_model.` and without position_ids.
+TEXT_PREFIX_HF = "text_model."
+TEXT_IGNORED = {"embeddings.position_ids"}
+
+
+def text_encoder_key(key):
+    """One transformers CLIPTextModel key -> ours, e.g. 'text_model.encoder.layers.0.mlp.fc1.weight'
+    -> 'encoder.layers.0.mlp.fc1.weight' (5.x keys are already ours)."""
+    return key[len(TEXT_PREFIX_HF):] if key.startswith(TEXT_PREFIX_HF) else key
+
+
+def text_encoder_from_transformers(state_dict, source="text encoder state dict"):
+    """A transformers CLIPTextModel state dict, either layout -> ours (same tensors, position_ids dropped)."""
+    if any(k.startswith("vision_model.") for k in state_dict):
+        raise WeightsError(f"{source}: this is a whole CLIPModel (vision_model.* keys); SD uses only its text "
+                           "tower: pass {k: v for k, v in sd.items() if k.startswith('text_model.')}")
+    out = {}
+    for key, tensor in state_dict.items():
+        ours = text_encoder_key(key)
+        if ours not in TEXT_IGNORED:
+            out[ours] = tensor
+    return out
+
+
+def text_config_from_weights(state_dict):
+    """A CLIPTextConfig read off the tensor shapes (ours or transformers' keys). The head count
+    is not in any shape: OpenAI's CLIP text towers all use 64-wide heads, so heads = width / 64."""
+    from .clip import CLIPTextConfig
+    sd = {text_encoder_key(k): v for k, v in state_dict.items()}
+    try:
+        vocab, width = sd["embeddings.token_embedding.weight"].shape
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        mlp_width = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise WeightsError(f"no CLIP text encoder in these weights ({e.args[0]} is missing); "
+                           f"first keys: {list(state_dict)[:3]}") from None
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    return CLIPTextConfig(vocab_size=vocab, width=width, layers=layers, heads=max(1, width // 64),
+                          mlp_width=mlp_width, positions=positions)
+
+
+def load_text_encoder(source, config=None, device="cpu", dtype=None):
+    """A minisd CLIPTextEncoder holding a transformers CLIPTextModel file (or state dict) in either
+    key layout, built on the meta device with no random init. `config` defaults to one read off
+    the shapes (SD 1.x's for SD 1.x weights). The result is in eval mode with gradients off:
+    SD never trains its text encoder."""
+    from .clip import CLIPTextEncoder
+    sd = source if isinstance(source, dict) else load_state_dict(source)
+    name = "text encoder state dict" if isinstance(source, dict) else str(source)
+    sd = text_encoder_from_transformers(sd, name)
+    config = config or text_config_from_weights(sd)
+    if config.width == 1024:
+        raise WeightsError(f"{name}: a 1024-wide text encoder is OpenCLIP ViT-H (SD 2.x); minisd loads SD 1.x")
+    sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config)
+    return load_into(model, sd, name).requires_grad_(False).eval()
+
+
+def text_encoder_from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
+    """The text encoder of an original single file, its `cond_stage_model.transformer.` prefix
+    already removed: the keys under it are transformers' own, so this is `load_text_encoder`."""
+    return load_text_encoder(sd, device=device, dtype=dtype)
+
+
+def text_encoder_to_original(text_encoder):
+    """Our text encoder -> the keys an original SD 1.x file holds under `cond_stage_model.transformer.`
+    (transformers 4.x names, with `text_model.` and the position_ids buffer)."""
+    sd = {TEXT_PREFIX_HF + k: v for k, v in text_encoder.state_dict().items()}
+    positions = text_encoder.config.positions
+    sd[TEXT_PREFIX_HF + "embeddings.position_ids"] = torch.arange(positions)[None]  # (1, 77), int64
+    return sd
+
+
+def save_course_clip(model, path, metadata):
+    """Write a minisd CLIP (our keys) to safetensors in float16 (half the bytes; the course
+    model loses nothing measurable), its config in the metadata."""
+    from safetensors.torch import save_file
+    meta = {**metadata, "config": model.config.to_json()}
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_course_clip(path):
+    """The CLIP written by `save_course_clip`, in float32, eval mode."""
+    from safetensors import safe_open
+    from .clip import CLIP, CLIPConfig
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no course CLIP at {path}: train one with `python -m minisd train clip`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
+                           "`python -m minisd train clip` (for a transformers text encoder use load_text_encoder)")
+    sd = {k: v.float() for k, v in load_state_dict(path).items()}
+    with torch.device("meta"):
+        model = CLIP(CLIPConfig.from_json(meta["config"]))
+    return load_into(model, sd, str(path)).eval()
+
+
 # --- original single-file layout (model.diffusion_model.*, first_stage_model.*, ...) ------
 
 # The files SD 1.x was released as (CompVis / RunwayML `v1-5-pruned.ckpt` and its .safetensors)
