@@ -12,6 +12,8 @@ from . import embeddings, resnet, attention, unet, weights  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 from . import tokenizer  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
+from . import clip  # noqa: E402
+from .clip import CLIPTextEncoder, CLIPTextConfig  # noqa: E402
 from . import diffusion  # noqa: E402
 from . import schedulers  # noqa: E402
 from . import vae  # noqa: E402
