@@ -1,0 +1,245 @@
+"""minisd.weights (chapter 11): the original single-file layout and diffusers folders.
+
+diffusers ships converters only from the original layout to its own
+(`convert_ldm_unet_checkpoint` & co.), so our `to_original` is checked by a round trip:
+fed to diffusers' converters, it must give back diffusers' state dicts exactly, and our
+`from_original` must load it to the same model.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+from safetensors.torch import load_file, save_file
+
+import minisd
+from minisd import StableDiffusion, weights
+from minisd.weights import WeightsError
+from reference_sd import SD15_TEXT, SD15_UNET, SD15_VAE, TINY_TEXT, TINY_UNET, TINY_VAE, reference_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny diffusers pipeline, saved as a folder, and ours loaded from that folder."""
+    folder = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    ref = reference_pipeline(folder)
+    return ref, StableDiffusion.from_pretrained(folder), folder
+
+
+def assert_same_state(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def back_to_diffusers(original, ref_unet_config, ref_vae_config):
+    """diffusers' own converters, original -> diffusers layout."""
+    return (convert_ldm_unet_checkpoint(original, dict(ref_unet_config)),
+            convert_ldm_vae_checkpoint(original, dict(ref_vae_config)),
+            convert_ldm_clip_checkpoint(original))
+
+
+def test_to_original_round_trips_through_diffusers_converters(tiny):
+    ref, ours, _ = tiny
+    original = weights.to_original(ours)
+    unet, vae, text = back_to_diffusers(original, ref.unet.config, ref.vae.config)
+    assert_same_state(unet, ref.unet.state_dict())
+    assert_same_state(vae, ref.vae.state_dict())
+    theirs = {k.removeprefix("text_model."): v for k, v in ref.text_encoder.state_dict().items()}
+    text = {k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}
+    assert_same_state(text, theirs)
+    # the VAE attention is stored as 1x1 convs, as in the released files
+    assert original["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert "first_stage_model.decoder.up.1.upsample.conv.weight" in original  # decoder counted from the bottom
+
+
+def test_from_original_loads_the_same_model(tiny):
+    _, ours, _ = tiny
+    again = weights.from_original(weights.to_original(ours))
+    for part in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(again, part).state_dict(), getattr(ours, part).state_dict())
+    # configs recovered from the shapes alone; the file does not store the training size: SD 1.x's
+    assert again.unet.config == replace(ours.unet.config, sample_size=64)
+    assert again.vae.config == replace(ours.vae.config, sample_size=512)
+    assert again.text_encoder.config == ours.text_encoder.config
+
+
+def test_known_original_names():
+    """A few names checked against the released SD 1.5 file's, at SD 1.5's config."""
+    from minisd.unet import UNetConfig
+    from minisd.vae import VAEConfig
+    u, v = UNetConfig.sd15(), VAEConfig.sd15()
+    assert weights.unet_original_key("down_blocks.1.resnets.0.gsc1.conv.weight", u) == \
+        "input_blocks.4.0.in_layers.2.weight"
+    assert weights.unet_original_key("down_blocks.2.downsample.conv.bias", u) == "input_blocks.9.0.op.bias"
+    assert weights.unet_original_key("up_blocks.1.upsample.conv.weight", u) == "output_blocks.5.2.conv.weight"
+    assert weights.unet_original_key("up_blocks.0.upsample.conv.weight", u) == "output_blocks.2.1.conv.weight"
+    assert weights.unet_original_key("up_blocks.3.attentions.2.block.ff.geglu.proj.weight", u) == \
+        "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight"
+    assert weights.unet_original_key("mid_block.attention.block.attn2.to_out.bias", u) == \
+        "middle_block.1.transformer_blocks.0.attn2.to_out.0.bias"
+    assert weights.unet_original_key("time_embedding.linear_2.weight", u) == "time_embed.2.weight"
+    assert weights.vae_original_key("decoder.up_blocks.0.resnets.1.gsc1.conv.weight", v) == \
+        "decoder.up.3.block.1.conv1.weight"
+    assert weights.vae_original_key("encoder.mid_block.attention.to_out.weight", v) == \
+        "encoder.mid.attn_1.proj_out.weight"
+    assert weights.vae_original_key("encoder.down_blocks.1.resnets.0.skip.weight", v) == \
+        "encoder.down.1.block.0.nin_shortcut.weight"
+
+
+def test_sd15_configs_are_inferred_from_shapes():
+    """On the meta device (no memory): SD 1.5's original-layout shapes give back SD 1.5's configs."""
+    from minisd.unet import UNet, UNetConfig
+    from minisd.vae import AutoencoderKL, VAEConfig
+    with torch.device("meta"):
+        pipe = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
+                               minisd.CLIPTextEncoder(minisd.CLIPTextConfig.sd15()))
+    original = weights.to_original(pipe)
+    unet, vae, text = weights.split_original(original)
+    assert weights.unet_config_from_original(unet, "x") == UNetConfig.sd15()
+    assert weights.vae_config_from_original(vae, "x") == VAEConfig.sd15()
+    assert weights.text_config_from_weights(text) == minisd.CLIPTextConfig.sd15()
+    assert len(original) == 686 + 248 + 197  # every tensor of a released SD 1.5 file but the ignored ones
+
+
+@pytest.mark.slow
+def test_sd15_round_trip_through_diffusers_converters():
+    """The full-size key maps: random SD 1.5 tensors (bfloat16 views of one random pool, so the
+    test needs little memory) under diffusers' and transformers' own names, through ours and back."""
+    import diffusers
+    import transformers
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+        vae = diffusers.AutoencoderKL(**SD15_VAE)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act="quick_gelu", **SD15_TEXT))
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(40_000_000, generator=g, dtype=torch.bfloat16)  # larger than the largest tensor
+
+    def random_like(module):  # each tensor a view of the pool at its own random offset: distinct, no memory
+        out = {}
+        for k, v in module.state_dict().items():
+            start = int(torch.randint(0, len(pool) - v.numel(), (), generator=g))
+            out[k] = pool[start:start + v.numel()].view(v.shape)
+        return out
+
+    unet_sd, vae_sd, text_sd = random_like(unet), random_like(vae), random_like(text)
+    ours = weights.from_diffusers(unet_sd, vae_sd, text_sd, dtype=torch.bfloat16)
+    original = weights.to_original(ours)
+    assert len(original) == 686 + 248 + 197
+    back_unet, back_vae, back_text = back_to_diffusers(original, unet.config, vae.config)
+    assert_same_state(back_unet, unet_sd)
+    assert_same_state(back_vae, vae_sd)
+    back_text.pop("text_model.embeddings.position_ids")
+    assert_same_state({k.removeprefix("text_model."): v for k, v in back_text.items()}, text_sd)
+    del back_unet, back_vae, back_text
+    again = weights.from_original(original, dtype=torch.bfloat16)
+    assert again.unet.config == minisd.UNetConfig.sd15()
+    assert_same_state(again.unet.state_dict(), ours.unet.state_dict())
+    assert_same_state(again.vae.state_dict(), ours.vae.state_dict())
+
+
+# --- files and folders ------------------------------------------------------------------
+
+def test_single_file_safetensors_and_ckpt_load(tiny, tmp_path):
+    _, ours, _ = tiny
+    original = {k: v.contiguous() for k, v in weights.to_original(ours).items()}
+    # what a released file holds besides the model: EMA copies and the noise schedule, ignored
+    original["model_ema.decay"] = torch.tensor(0.9999)
+    original["model_ema.diffusion_modelconv_inweight"] = torch.zeros(1)
+    original["alphas_cumprod"] = torch.ones(1000)
+    save_file(original, str(tmp_path / "sd.safetensors"))
+    torch.save({"state_dict": original, "global_step": 1}, str(tmp_path / "sd.ckpt"))
+    for name in ("sd.safetensors", "sd.ckpt"):
+        pipe = StableDiffusion.from_pretrained(tmp_path / name)
+        assert_same_state(pipe.unet.state_dict(), ours.unet.state_dict())
+        assert_same_state(pipe.vae.state_dict(), ours.vae.state_dict())
+
+
+def test_folder_text_encoder_with_or_without_text_model_prefix(tiny, tmp_path):
+    import shutil
+    _, ours, folder = tiny
+    copy = tmp_path / "sd"
+    shutil.copytree(folder, copy)
+    path = copy / "text_encoder" / "model.safetensors"
+    sd = load_file(str(path))
+    assert not any(k.startswith("text_model.") for k in sd)   # transformers 5.x saves without it
+    prefixed = {"text_model." + k: v for k, v in sd.items()}
+    prefixed["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # as the real SD 1.5 folder
+    save_file(prefixed, str(path))
+    pipe = StableDiffusion.from_pretrained(copy)
+    assert_same_state(pipe.text_encoder.state_dict(), ours.text_encoder.state_dict())
+
+
+class NotATensor:
+    """Any object a full unpickle would have to construct (and could run code to build)."""
+
+
+def test_ckpt_is_read_with_weights_only(tmp_path):
+    torch.save({"state_dict": {"x": NotATensor()}}, str(tmp_path / "evil.ckpt"))
+    with pytest.raises(WeightsError, match="evil.ckpt"):
+        StableDiffusion.from_pretrained(tmp_path / "evil.ckpt")
+
+
+# --- bad files ----------------------------------------------------------------------------
+
+def test_missing_path_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusers folder"):
+        StableDiffusion.from_pretrained(tmp_path / "nowhere.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        StableDiffusion.from_pretrained(tmp_path / "empty")
+
+
+def test_truncated_file_names_the_file(tiny, tmp_path):
+    _, ours, _ = tiny
+    path = tmp_path / "cut.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.to_original(ours).items()}, str(path))
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(WeightsError, match="cut.safetensors.*truncated or corrupt"):
+        StableDiffusion.from_pretrained(path)
+
+
+def test_lora_file_is_recognised(tmp_path):
+    path = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(path))
+    with pytest.raises(WeightsError, match="style.safetensors.*looks like a LoRA file.*minisd.lora.load"):
+        StableDiffusion.from_pretrained(path)
+
+
+def test_sd2_file_is_named_with_key_and_shapes(tiny):
+    _, ours, _ = tiny
+    original = weights.to_original(ours)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    original[key] = torch.zeros(32, 1024)
+    with pytest.raises(WeightsError, match=r"attn2\.to_k\.weight has shape \(32, 1024\).*\(320, 768\).*SD 2\.x"):
+        weights.from_original(original, source="v2-1_768.safetensors")
+
+
+def test_mismatched_shape_names_key_and_both_shapes(tiny):
+    _, ours, _ = tiny
+    original = weights.to_original(ours)
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    original[key] = torch.zeros(32, 32, 1, 1)
+    with pytest.raises(WeightsError, match=r"f\.safetensors: model\.diffusion_model\.input_blocks\.1\.0\.in_layers"
+                                           r"\.2\.weight has shape \(32, 32, 1, 1\) in the file but \(32, 32, 3, 3\)"):
+        weights.from_original(original, source="f.safetensors")
+
+
+def test_missing_and_unknown_keys(tiny):
+    _, ours, _ = tiny
+    original = weights.to_original(ours)
+    del original["first_stage_model.decoder.mid.attn_1.k.bias"]
+    with pytest.raises(WeightsError, match=r"missing.*first_stage_model\.decoder\.mid\.attn_1\.k\.bias"):
+        weights.from_original(original)
+    original = weights.to_original(ours)
+    original["something_else.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match="something_else.weight"):
+        weights.from_original(original)
+
+
+def test_diffusers_component_file_is_not_a_single_file(tiny):
+    ref, _, folder = tiny
+    with pytest.raises(WeightsError, match="diffusers' layout.*folder"):
+        StableDiffusion.from_pretrained(folder / "unet" / "diffusion_pytorch_model.safetensors")
