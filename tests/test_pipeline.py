@@ -1,0 +1,227 @@
+"""minisd.pipeline (chapter 11): the same images as diffusers' StableDiffusionPipeline on the
+same weights and initial latents, every sampler; img2img; defaults; errors; the CLI."""
+import gc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import minisd
+from minisd import StableDiffusion, weights
+from minisd.pipeline import main
+from reference_sd import SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline, use_scheduler
+
+PROMPTS = ["a red circle in the top left", "an astronaut riding a horse"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    ref = reference_pipeline(folder)
+    return ref, StableDiffusion.from_pretrained(folder), folder
+
+
+def initial_latents(n=2, size=8, seed=0):
+    return torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpm++2m", "ddpm"])
+def test_each_scheduler_equals_diffusers(tiny, name):
+    ref, ours, _ = tiny
+    use_scheduler(ref, name)
+    x = initial_latents()
+    theirs = ref(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, num_inference_steps=4,
+                 guidance_scale=7.5, latents=x, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    image = ours(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, steps=4, guidance=7.5,
+                 scheduler=name, latents=x, output_type="np", seed=1, progress=False)
+    assert image.shape == theirs.shape == (2, 16, 16, 3)
+    assert theirs.std() > 0.05  # a real image-like spread, not a constant
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+
+
+def test_seed_draws_the_same_noise_as_diffusers(tiny):
+    ref, ours, _ = tiny
+    use_scheduler(ref, "pndm")
+    theirs = ref(PROMPTS[0], height=16, width=16, num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(7)).images
+    image = ours(PROMPTS[0], height=16, width=16, steps=3, output_type="np", seed=7, progress=False)
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+    other = ours(PROMPTS[0], height=16, width=16, steps=3, output_type="np", seed=8, progress=False)
+    assert np.abs(other - image).max() > 0.01
+
+
+def test_no_guidance_runs_the_cond_branch_only(tiny):
+    ref, ours, _ = tiny
+    use_scheduler(ref, "ddim")
+    x = initial_latents(1)
+    theirs = ref(PROMPTS[0], height=16, width=16, num_inference_steps=3, guidance_scale=1.0, latents=x,
+                 output_type="np").images
+    image = ours(PROMPTS[0], height=16, width=16, steps=3, guidance=1.0, scheduler="ddim", latents=x,
+                 output_type="np", progress=False)
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pndm", "euler"])
+def test_img2img_equals_diffusers(tiny, name):
+    import diffusers
+    ref, ours, _ = tiny
+    ref2 = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    use_scheduler(ref2, name)
+    ref2.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    theirs = ref2(PROMPTS[0], image=init, strength=0.6, num_inference_steps=5, output_type="np",
+                  generator=torch.Generator().manual_seed(2)).images
+    image = ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=name, seed=2, output_type="np",
+                         progress=False)
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+
+
+def test_latent_output_replays_exactly(tiny):
+    _, ours, _ = tiny
+    x = initial_latents(1)
+    a = ours(PROMPTS[0], steps=2, output_type="latent", latents=x, progress=False)
+    b = ours(PROMPTS[0], steps=2, output_type="latent", latents=x, progress=False)
+    assert a.shape == (1, 4, 8, 8) and torch.equal(a, b)
+
+
+def test_defaults_come_from_the_model(tiny):
+    _, ours, _ = tiny
+    assert (ours.steps, ours.guidance, ours.scheduler) == (50, 7.5, "pndm")   # SD 1.5's
+    images = ours(PROMPTS[0], steps=1, seed=0, progress=False)                  # size: 8 latents x factor 2
+    assert len(images) == 1 and images[0].size == (16, 16) and images[0].mode == "RGB"
+    images = ours(PROMPTS, steps=1, seed=0, progress=False)
+    assert len(images) == 2
+
+
+def test_progress_bar_is_shown(tiny, capsys):
+    _, ours, _ = tiny
+    ours(PROMPTS[0], steps=2, seed=0)
+    assert "sampling" in capsys.readouterr().err
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_size_must_be_a_multiple(tiny):
+    _, ours, _ = tiny
+    with pytest.raises(ValueError, match=r"height=18 is not a positive multiple of 4.*use e\.g\. height=16"):
+        ours(PROMPTS[0], height=18, steps=1)
+
+
+def test_steps_must_be_positive(tiny):
+    _, ours, _ = tiny
+    with pytest.raises(ValueError, match="steps=0.*>= 1"):
+        ours(PROMPTS[0], steps=0)
+
+
+def test_unknown_scheduler_lists_the_names(tiny):
+    _, ours, _ = tiny
+    with pytest.raises(ValueError, match=r"unknown scheduler 'k_lms'.*'ddpm', 'ddim', 'euler', 'dpm\+\+2m', 'pndm'"):
+        ours(PROMPTS[0], scheduler="k_lms", steps=1)
+
+
+def test_fp16_on_cpu_says_what_to_use(tiny):
+    _, _, folder = tiny
+    with pytest.raises(ValueError, match="float16 on the CPU.*float32.*cuda"):
+        StableDiffusion.from_pretrained(folder, dtype=torch.float16)
+
+
+def test_long_prompt_warns_truncates_and_runs(tiny):
+    ref, ours, _ = tiny
+    use_scheduler(ref, "pndm")
+    long = " ".join(["a red circle"] * 40)  # 120 tokens
+    x = initial_latents(1)
+    with pytest.warns(UserWarning, match="tokens were dropped"):
+        image = ours(long, steps=2, latents=x, output_type="np", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = ref(long, height=16, width=16, num_inference_steps=2, latents=x, output_type="np").images
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)  # diffusers truncates the same way
+
+
+def test_latents_of_the_wrong_shape(tiny):
+    _, ours, _ = tiny
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 4\).*need \(1, 4, 8, 8\)"):
+        ours(PROMPTS[0], steps=1, latents=torch.zeros(1, 4, 4, 4))
+
+
+def test_course_model_missing_checkpoint_names_the_command(monkeypatch, tmp_path):
+    if all((minisd.DATA_DIR / f).exists() for f in minisd.pipeline.COURSE_FILES.values()):
+        pipe = StableDiffusion.course_model()
+        images = pipe("a red circle in the top left", seed=0, progress=False)
+        assert len(images) == 1
+        return
+    with pytest.raises(FileNotFoundError, match=r"course_\w+\.safetensors.*python -m minisd train \w+"):
+        StableDiffusion.course_model()
+
+
+# --- the terminal ---------------------------------------------------------------------------
+
+def test_generate_command_writes_a_png(tiny, tmp_path, capsys):
+    _, _, folder = tiny
+    out = tmp_path / "a.png"
+    assert main([PROMPTS[0], "--weights", str(folder), "--steps", "2", "--scheduler", "ddim", "--seed", "3",
+                 "--out", str(out)]) == 0
+    from PIL import Image
+    assert Image.open(out).size == (16, 16)
+    assert main([PROMPTS[0], "--weights", str(folder), "--size", "18", "--out", str(out)]) == 1
+    assert "multiple of 4" in capsys.readouterr().err
+
+
+# --- SD 1.5 size ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sd15_folder_and_single_file_equal_diffusers(tmp_path):
+    """Random SD 1.5 weights (seeded), 256x256, PNDM, guidance 7.5, 3 steps: diffusers'
+    pipeline, ours from the diffusers folder and ours from one original file. One model in
+    memory at a time (about 4.5 GB)."""
+    torch.manual_seed(0)
+    ref = reference_pipeline(tmp_path / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT)
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompt = "a photograph of an astronaut riding a horse"
+    theirs = ref(prompt, height=256, width=256, num_inference_steps=3, guidance_scale=7.5, latents=x,
+                 output_type="np").images
+    del ref
+    gc.collect()
+    ours = StableDiffusion.from_pretrained(tmp_path / "sd15")
+    image = ours(prompt, height=256, width=256, steps=3, guidance=7.5, scheduler="pndm", latents=x,
+                 output_type="np", progress=False)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in weights.to_original(ours).items()}, str(tmp_path / "sd15.safetensors"))
+    del ours
+    gc.collect()
+    single = StableDiffusion.from_pretrained(tmp_path / "sd15.safetensors")
+    image_single = single(prompt, height=256, width=256, steps=3, guidance=7.5, scheduler="pndm", latents=x,
+                          output_type="np", progress=False)
+    del single
+    assert theirs.std() > 0.05
+    d = np.abs(image - theirs).max()
+    assert d <= 2e-3, f"max |diff| vs diffusers = {d:.1e}"
+    assert np.array_equal(image, image_single)
+
+
+# --- GPU ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cuda(tiny, dtype):
+    ref, _, folder = tiny
+    use_scheduler(ref, "pndm")
+    ours = StableDiffusion.from_pretrained(folder, device="cuda", dtype=dtype)
+    assert ours.dtype == dtype and ours.device.type == "cuda"
+    # SD's VAE overflows in float16: it stays in float32 (diffusers' force_upcast); bf16 needs no upcast
+    assert next(ours.vae.parameters()).dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    x = initial_latents(1)
+    image = ours(PROMPTS[0], steps=3, latents=x, output_type="np", progress=False)
+    theirs = ref(PROMPTS[0], height=16, width=16, num_inference_steps=3, latents=x, output_type="np").images
+    assert np.isfinite(image).all()
+    assert np.abs(image - theirs).max() < 0.05  # half precision against the float32 reference
+
+
+@pytest.mark.gpu
+def test_seed_gives_the_same_noise_on_cuda(tiny):
+    _, cpu, folder = tiny
+    gpu = StableDiffusion.from_pretrained(folder, device="cuda")
+    a = cpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
+    b = gpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
+    assert np.abs(a - b).max() < 1e-3
