@@ -20,3 +20,4 @@ from . import vae  # noqa: E402
 from .vae import AutoencoderKL, VAEConfig  # noqa: E402
 from . import pipeline  # noqa: E402
 from .pipeline import StableDiffusion  # noqa: E402
+from . import lora, metrics  # noqa: E402

@@ -1,0 +1,305 @@
+"""Chapter 13: LoRA layers, injection into the U-Net, merge/unmerge, and kohya-format files
+that load the same in minisd as in diffusers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minisd import lora, weights
+from minisd.unet import UNet, UNetConfig
+
+
+def randomise_up(module, seed, std=0.1):
+    """Stand-in for training: give every LoRA's `up` factor non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.up.weight.copy_(std * torch.randn(m.up.weight.shape, generator=g))
+
+
+@pytest.fixture
+def tiny_pair():
+    """Our tiny U-Net and diffusers' on the same (randomised) weights."""
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**UNetConfig.tiny().to_diffusers()).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return fresh_copy(theirs), theirs
+
+
+def fresh_copy(theirs):
+    """Our U-Net on copies of diffusers' tensors (load_unet assigns tensors uncopied, and merge
+    and the symmetric init change base weights in place)."""
+    return weights.load_unet({k: v.clone() for k, v in theirs.state_dict().items()}, UNetConfig.tiny()).eval()
+
+
+def unet_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g)
+
+
+# --- LoRALinear ---------------------------------------------------------------------------
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(24, 16), (5, 24)),
+    "conv1x1": (lambda: nn.Conv2d(8, 12, 1), (2, 8, 6, 6)),
+    "conv3x3": (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1), (2, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_zero_up_leaves_outputs_unchanged(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    base, x = make(), torch.randn(shape)
+    expected = base(x)
+    layer = lora.LoRALinear(base, rank=4, alpha=8)
+    assert layer.up.weight.abs().sum() == 0 and layer.down.weight.abs().sum() > 0
+    assert torch.equal(layer(x), expected)
+
+
+def test_update_is_alpha_over_rank_up_down():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16)
+    w0 = base.weight.detach().clone()
+    layer = lora.LoRALinear(base, rank=4, alpha=2)
+    randomise_up(layer, seed=1)
+    x = torch.randn(3, 24)
+    w = w0 + (2 / 4) * layer.up.weight @ layer.down.weight        # W' = W0 + (alpha / r) B A
+    torch.testing.assert_close(layer(x), F.linear(x, w, base.bias))
+    layer.scale = 0.5                                              # a loader's strength multiplies the update
+    w = w0 + 0.5 * (2 / 4) * layer.up.weight @ layer.down.weight
+    torch.testing.assert_close(layer(x), F.linear(x, w, base.bias))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_merge_then_unmerge_gives_back_w0(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    base, x = make(), torch.randn(shape)
+    w0 = base.weight.detach().clone()
+    layer = lora.LoRALinear(base, rank=4, alpha=4)
+    randomise_up(layer, seed=2, std=0.5)
+    unmerged = layer(x)
+    layer.merge()
+    assert (base.weight - w0).abs().max() > 1e-2                   # the update is really in W now
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    layer.merge()                                                  # merging twice does not add it twice
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    assert (base.weight - w0).abs().max() <= 1e-6
+    torch.testing.assert_close(layer(x), unmerged)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_symmetric_init_leaves_outputs_unchanged(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    base, x = make(), torch.randn(shape)
+    w0 = base.weight.detach().clone()
+    expected = base(x)
+    layer = lora.LoRALinear(base, rank=4, alpha=4, symmetric=True)
+    assert layer.up.weight.abs().sum() > 0 and layer.down.weight.abs().sum() > 0   # both factors Gaussian
+    assert (base.weight - w0).abs().max() > 1e-3                                     # W0 - A B stored in the base
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_layers_are_refused():
+    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
+        lora.LoRALinear(nn.LayerNorm(4), rank=2)
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoRALinear(nn.Linear(4, 4), rank=0)
+
+
+# --- inject into the U-Net ------------------------------------------------------------------
+
+def test_inject_wraps_attention_and_freezes_the_rest(tiny_pair):
+    ours, _ = tiny_pair
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        before = ours(x, t, c)
+    added = lora.inject(ours, rank=4, alpha=4)
+    # tiny: SpatialTransformers 2 down (1 per block), 1 mid, 4 up (2 per block); attn1 + attn2; q, k, v, out
+    assert len(added) == 7 * 2 * 4
+    assert all(p.rsplit(".", 1)[1] in ("to_q", "to_k", "to_v", "to_out") for p in added)
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, c), before)                   # up = 0: same model
+    trainable = {id(p) for p in ours.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in lora.trainable_parameters(ours)}
+    assert len(trainable) == 2 * len(added)
+    ours(x, t, c).square().mean().backward()
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+    assert all(p.grad is not None for p in lora.trainable_parameters(ours))
+
+
+def test_inject_only_cross_attention(tiny_pair):
+    ours, _ = tiny_pair
+    added = lora.inject(ours, rank=2, only_cross=True)
+    assert len(added) == 7 * 4 and all(".attn2." in p for p in added)
+
+
+def test_inject_with_no_matching_target_raises(tiny_pair):
+    ours, _ = tiny_pair
+    with pytest.raises(ValueError, match="no nn.Linear/nn.Conv2d named"):
+        lora.inject(ours, rank=2, targets=("q_proj",))
+
+
+def test_rank4_lora_is_under_one_percent_of_sd15_unet():
+    with torch.device("meta"):                                     # sizes only, no memory
+        unet = UNet(UNetConfig.sd15())
+        total = sum(p.numel() for p in unet.parameters())
+        lora.inject(unet, rank=4)
+    n = sum(p.numel() for p in lora.trainable_parameters(unet))
+    assert total == 859_520_964
+    assert 0 < n / total < 0.01, n / total
+
+
+# --- kohya files ------------------------------------------------------------------------------
+
+def test_our_paths_are_diffusers_paths(tiny_pair):
+    ours, theirs = tiny_pair
+    their_layers = dict(theirs.named_modules())
+    n = 0
+    for path, layer in ours.named_modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            other = their_layers[lora.diffusers_path(path)]
+            assert type(other) is type(layer) and other.weight.shape == layer.weight.shape, path
+            n += 1
+    assert n == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in theirs.modules())
+
+
+def kohya_file(theirs, path, seed=0, select=("attentions", "resnets.0.conv1", "time_emb_proj"), alpha=2.0):
+    """A kohya-style file written straight from diffusers' module names (not through minisd):
+    attention projections, proj_in/proj_out (1x1 convs), feed-forward Linears, some 3x3 convs;
+    rank 4, the same alpha on every layer as kohya's trainer writes it, or none (alpha = rank).
+
+    (diffusers 0.42 gives the attention layers of a file whose alphas differ from layer to
+    layer the most common alpha instead of their own; kohya's format and minisd apply each.)"""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in ((n, m) for n, m in theirs.named_modules()
+                                  if isinstance(m, (nn.Linear, nn.Conv2d)) and any(s in n for s in select)):
+        key = "lora_unet_" + name.replace(".", "_")
+        r = 4
+        if isinstance(m, nn.Linear):
+            sd[key + ".lora_down.weight"] = 0.2 * torch.randn(r, m.in_features, generator=g)
+            sd[key + ".lora_up.weight"] = 0.2 * torch.randn(m.out_features, r, generator=g)
+        else:
+            sd[key + ".lora_down.weight"] = 0.2 * torch.randn(r, m.in_channels, *m.kernel_size, generator=g)
+            sd[key + ".lora_up.weight"] = 0.2 * torch.randn(m.out_channels, r, 1, 1, generator=g)
+        if alpha is not None:
+            sd[key + ".alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return sd
+
+
+def load_in_diffusers(theirs, path):
+    """What pipe.load_lora_weights does for the U-Net: convert the kohya keys, load with peft."""
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, theirs)
+
+
+@pytest.mark.parametrize("scale,alpha", [(1.0, 2.0), (0.6, 2.0), (1.0, None)])
+def test_kohya_file_loads_like_diffusers(tiny_pair, tmp_path, scale, alpha):
+    ours, theirs = tiny_pair
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        base = theirs(x, t, c).sample
+    sd = kohya_file(theirs, tmp_path / "lora.safetensors", alpha=alpha)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in sd
+    lora.load(ours, tmp_path / "lora.safetensors", scale=scale)
+    load_in_diffusers(theirs, tmp_path / "lora.safetensors")
+    with torch.no_grad():
+        a = ours(x, t, c)
+        b = theirs(x, t, c, cross_attention_kwargs={"scale": scale}).sample
+    assert (b - base).abs().max() > 0.1                              # the LoRA changes the output
+    assert (a - b).abs().max() <= 1e-4
+    assert sum(isinstance(m, lora.LoRALinear) for m in ours.modules()) == sum(k.endswith("lora_down.weight") for k in sd)
+
+
+def test_saved_file_has_kohya_keys_and_loads_in_diffusers(tiny_pair, tmp_path):
+    ours, theirs = tiny_pair
+    lora.inject(ours, rank=4, alpha=2, targets=("to_q", "to_k", "to_v", "to_out", "proj_in"))
+    randomise_up(ours, seed=3)
+    lora.save(ours, tmp_path / "ours.safetensors")
+    sd = load_file(str(tmp_path / "ours.safetensors"))
+    assert len(sd) == 3 * (7 * 2 * 4 + 7)
+    assert sd["lora_unet_up_blocks_2_attentions_1_transformer_blocks_0_attn2_to_out_0.alpha"].item() == 2.0
+    assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
+    load_in_diffusers(theirs, tmp_path / "ours.safetensors")
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, c), theirs(x, t, c).sample, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_save_load_round_trip(tiny_pair, tmp_path, symmetric):
+    ours, theirs = tiny_pair
+    fresh = fresh_copy(theirs)
+    lora.inject(ours, rank=4, alpha=8, only_cross=True, symmetric=symmetric)
+    randomise_up(ours, seed=4)
+    lora.save(ours, tmp_path / "concept.safetensors")
+    lora.load(fresh, tmp_path / "concept.safetensors")
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, c), ours(x, t, c), atol=1e-5, rtol=1e-5)
+    ranks = {m.rank for m in fresh.modules() if isinstance(m, lora.LoRALinear)}
+    assert ranks == ({8} if symmetric else {4})                      # symmetric: W0-relative update has rank 2r
+
+
+def test_load_then_merge_unmerge(tiny_pair, tmp_path):
+    ours, theirs = tiny_pair
+    kohya_file(theirs, tmp_path / "lora.safetensors", select=("attentions",))
+    lora.load(ours, tmp_path / "lora.safetensors", scale=0.8)
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        before = ours(x, t, c)
+        lora.merge(ours)
+        torch.testing.assert_close(ours(x, t, c), before, atol=1e-5, rtol=1e-5)
+        lora.unmerge(ours)
+        torch.testing.assert_close(ours(x, t, c), before)
+    w0 = theirs.state_dict()
+    for path, m in ours.named_modules():
+        if isinstance(m, lora.LoRALinear):
+            assert (m.base.weight - w0[lora.diffusers_path(path) + ".weight"]).abs().max() <= 1e-6
+
+
+def edited(sd, key, value):
+    return {**sd, key: value}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("sd2_width", r"attn2_to_k\.lora_down\.weight.*\(4, 1024\).*SD 2\.x"),
+    ("sdxl_path", r"lora_unet_input_blocks_4_1_proj_in\.lora_down\.weight.*another architecture"),
+    ("loha", r"hada_w1_a.*not a plain LoRA"),
+    ("missing_up", r"attn1_to_q\.lora_up\.weight is missing"),
+    ("text_without_encoder", r"lora_te_text_model_encoder_layers_0_self_attn_q_proj.*text encoder"),
+])
+def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, match):
+    ours, theirs = tiny_pair
+    sd = kohya_file(theirs, tmp_path / "ok.safetensors", select=("attentions",))
+    prefix = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_"
+    if case == "sd2_width":
+        sd = edited(sd, prefix + "attn2_to_k.lora_down.weight", torch.zeros(4, 1024))
+    elif case == "sdxl_path":
+        sd = edited(sd, "lora_unet_input_blocks_4_1_proj_in.lora_down.weight", torch.zeros(4, 64, 1, 1))
+    elif case == "loha":
+        sd = edited(sd, prefix + "attn1_to_q.hada_w1_a", torch.zeros(4, 4))
+    elif case == "missing_up":
+        sd = {k: v for k, v in sd.items() if k != prefix + "attn1_to_q.lora_up.weight"}
+    else:
+        sd = edited(sd, "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", torch.zeros(4, 32))
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        before = ours(x, t, c)
+    with pytest.raises(weights.WeightsError, match=match):
+        lora.load(ours, tmp_path / "bad.safetensors")
+    assert not any(isinstance(m, lora.LoRALinear) for m in ours.modules())   # nothing half-loaded
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, c), before)
