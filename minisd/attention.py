@@ -75,7 +75,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return F.gelu(gate).mul_(h)  # = h * gelu(gate), in place: one (B, N, 4*dim) buffer fewer
 
 
 class FeedForward(nn.Module):
