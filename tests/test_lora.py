@@ -303,3 +303,76 @@ def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, matc
     assert not any(isinstance(m, lora.LoRALinear) for m in ours.modules())   # nothing half-loaded
     with torch.no_grad():
         assert torch.equal(ours(x, t, c), before)
+
+
+# --- the text encoder -----------------------------------------------------------------------
+
+def text_pair():
+    """Our tiny CLIPTextEncoder and transformers' CLIPTextModel on the same weights."""
+    import transformers
+    from minisd.clip import CLIPTextConfig
+    cfg = CLIPTextConfig.tiny()
+    torch.manual_seed(0)
+    theirs = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_width, max_position_embeddings=cfg.positions,
+        hidden_act="quick_gelu", layer_norm_eps=cfg.eps, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)).eval()
+    ours = weights.load_text_encoder({k: v.clone() for k, v in theirs.state_dict().items()}, cfg).eval()
+    return ours, theirs
+
+
+def tiny_pipeline(unet, text_encoder):
+    from minisd import StableDiffusion
+    from minisd.vae import AutoencoderKL, VAEConfig
+    return StableDiffusion(unet, AutoencoderKL(VAEConfig.tiny()), text_encoder)
+
+
+def test_pipeline_file_with_unet_and_text_encoder_loads_like_diffusers(tiny_pair, tmp_path):
+    ours_unet, theirs_unet = tiny_pair
+    ours_text, theirs_text = text_pair()
+    sd = kohya_file(theirs_unet, tmp_path / "unet.safetensors", select=("attentions",))
+    g = torch.Generator().manual_seed(5)
+    for name, m in theirs_text.named_modules():                  # transformers 5.x: no text_model. level
+        if isinstance(m, nn.Linear):
+            key = "lora_te_text_model_" + name.replace(".", "_")
+            sd[key + ".lora_down.weight"] = 0.2 * torch.randn(4, m.in_features, generator=g)
+            sd[key + ".lora_up.weight"] = 0.2 * torch.randn(m.out_features, 4, generator=g)
+            sd[key + ".alpha"] = torch.tensor(2.0)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in sd
+    save_file(sd, str(tmp_path / "both.safetensors"))
+    ids = torch.randint(0, 49408, (2, 77), generator=g)
+    with torch.no_grad():
+        text_before = theirs_text(ids).last_hidden_state
+    pipe = tiny_pipeline(ours_unet, ours_text)
+    lora.load(pipe, tmp_path / "both.safetensors")
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path / "both.safetensors"))
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, theirs_unet)
+    StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, theirs_text)
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        text_after = theirs_text(ids).last_hidden_state
+        assert (text_after - text_before).abs().max() > 0.1
+        assert (pipe.text_encoder(ids) - text_after).abs().max() <= 1e-4
+        assert (pipe.unet(x, t, c) - theirs_unet(x, t, c).sample).abs().max() <= 1e-4
+
+
+def test_pipeline_save_load_round_trip_with_text_encoder(tiny_pair, tmp_path):
+    ours_unet, theirs_unet = tiny_pair
+    ours_text, _ = text_pair()
+    lora.inject(ours_unet, rank=2, only_cross=True)
+    lora.inject(ours_text, rank=2, alpha=1, targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+    randomise_up(ours_unet, seed=6)
+    randomise_up(ours_text, seed=7)
+    pipe = tiny_pipeline(ours_unet, ours_text)
+    lora.save(pipe, tmp_path / "pipe.safetensors")
+    keys = load_file(str(tmp_path / "pipe.safetensors")).keys()
+    assert sum(k.startswith("lora_te_") for k in keys) == 3 * 2 * 4
+    assert sum(k.startswith("lora_unet_") for k in keys) == 3 * 7 * 4
+    fresh = tiny_pipeline(fresh_copy(theirs_unet), text_pair()[0])
+    lora.load(fresh, tmp_path / "pipe.safetensors")
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(8))
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.text_encoder(ids), pipe.text_encoder(ids))
+        torch.testing.assert_close(fresh.unet(x, t, c), pipe.unet(x, t, c))
