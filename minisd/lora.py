@@ -138,6 +138,15 @@ def trainable_parameters(module):
     return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.down.weight, m.up.weight)]
 
 
+def count_parameters(module):
+    """(LoRA parameters, all other parameters) of `module`: what a LoRA file holds against what
+    the full model file holds. At rank 4 on SD 1.5's attention projections: 797,184 vs
+    859,520,964, under 0.1 % (chapter 13's table over the rank)."""
+    lora_ids = {id(p) for p in trainable_parameters(module)}
+    n_lora = sum(p.numel() for p in module.parameters() if id(p) in lora_ids)
+    return n_lora, sum(p.numel() for p in module.parameters()) - n_lora
+
+
 def merge(module):
     """Fold every LoRA of `module` into its base weights."""
     for m in module.modules():

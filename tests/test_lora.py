@@ -151,11 +151,15 @@ def test_inject_with_no_matching_target_raises(tiny_pair):
 def test_rank4_lora_is_under_one_percent_of_sd15_unet():
     with torch.device("meta"):                                     # sizes only, no memory
         unet = UNet(UNetConfig.sd15())
-        total = sum(p.numel() for p in unet.parameters())
         lora.inject(unet, rank=4)
-    n = sum(p.numel() for p in lora.trainable_parameters(unet))
-    assert total == 859_520_964
-    assert 0 < n / total < 0.01, n / total
+    n_lora, n_base = lora.count_parameters(unet)
+    # per SpatialTransformer of width C, rank r: attn1 q, k, v, out (C -> C) and attn2 q, out
+    # take r (C + C) each, attn2 k, v r (768 + C); SD 1.5 has widths 320 x5, 640 x5, 1280 x6
+    widths = [320] * 5 + [640] * 5 + [1280] * 6
+    r = 4
+    assert n_lora == sum(6 * r * 2 * c + 2 * r * (768 + c) for c in widths) == 797_184
+    assert n_base == 859_520_964
+    assert n_lora / n_base < 0.01
 
 
 # --- kohya files ------------------------------------------------------------------------------
