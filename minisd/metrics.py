@@ -116,3 +116,167 @@ def clip_image_features(model):
     return feature_fn
 
 # --- the judge: colour, shape and position of a course image ----------------------------------
+# Used by the U-Net, evaluation and LoRA chapters to score generated course images. Colour and
+# position are read off the pixels (exact on the course data); shape, which pixel rules read
+# poorly on blurry generated blobs, comes from a small CNN trained on real course images.
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from . import data as _data  # noqa: E402
+
+FOREGROUND = 0.4   # a pixel is foreground when its brightest channel is above 40 % of full scale
+MIN_PIXELS = 10    # fewer foreground pixels than this: a blank canvas, judged (None, None, None)
+CROP = 16          # ShapeNet sees a CROP x CROP window centred on the shape
+JUDGE_FILE = "course_judge.safetensors"
+
+
+class ShapeNet(nn.Module):
+    """The judge's shape classifier: a (N, 1, 16, 16) brightness window centred on the shape
+    -> logits over data.SHAPES (N, 3). Colour-blind and position-blind by construction:
+    it can only learn the outline."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16 * (CROP // 4) ** 2, len(_data.SHAPES))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 8, 8, 8)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (N, 16, 4, 4)
+        return self.head(x.flatten(1))              # (N, 16, 4, 4) -> (N, 256) -> (N, 3)
+
+
+def _look(images):
+    """What the judge measures on uint8 images (N, H, W, 3): brightness (N, H, W) in [0, 1]
+    (the brightest channel), the foreground mask, and the brightness-weighted foreground
+    centroid (N, 2) as (x, y) in pixels."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"the judge takes uint8 images (N, H, W, 3), got {images.dtype} {images.shape}; "
+                         "convert float tensors in [-1, 1] with minisd.data.to_uint8")
+    light = torch.from_numpy(images.max(axis=-1)).float() / 255
+    fg = light > FOREGROUND
+    wgt = light * fg
+    n, h, w = light.shape
+    mass = wgt.sum(dim=(1, 2)).clamp(min=1e-6)
+    cx = (wgt * (torch.arange(w) + 0.5)).sum(dim=(1, 2)) / mass
+    cy = (wgt * (torch.arange(h) + 0.5)[:, None]).sum(dim=(1, 2)) / mass
+    return light, fg, torch.stack([cx, cy], dim=1)
+
+
+def _crops(light, centroids):
+    """CROP x CROP windows of light (N, H, W) centred on each centroid -> (N, 1, CROP, CROP)."""
+    pad = CROP // 2
+    padded = F.pad(light, (pad, pad, pad, pad))  # original pixel i sits at i + pad
+    corners = centroids.round().long()           # window [c - pad, c + pad) -> padded [c, c + CROP)
+    return torch.stack([padded[i, y:y + CROP, x:x + CROP] for i, (x, y) in enumerate(corners.tolist())])[:, None]
+
+
+class Judge:
+    """The automatic judge of course images: (colour, shape, position) for each image.
+
+    judge = Judge.load(); judge(images) -> [(colour, shape, position), ...] with names from
+    minisd.data; a blank canvas gives (None, None, None).
+    - colour: each foreground pixel votes for the nearest of the six course colours
+      (after scaling its brightest channel to 1); the most votes win;
+    - position: the brightness-weighted centroid of the foreground, nearest position centre;
+    - shape: ShapeNet on a window around that centroid, trained on real course images by
+      `train_judge`.
+    """
+
+    def __init__(self, net):
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, path=None):
+        from safetensors.torch import load_file
+        from . import DATA_DIR
+        path = DATA_DIR / JUDGE_FILE if path is None else path
+        net = ShapeNet()
+        net.load_state_dict(load_file(str(path)))
+        return cls(net)
+
+    def save(self, path):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path))
+
+    def __call__(self, images):
+        rgb = np.asarray(images)
+        light, fg, centroids = _look(rgb)
+        if len(rgb) == 0:
+            return []
+        with torch.no_grad():
+            shapes = self.net(_crops(light, centroids)).argmax(dim=1).tolist()
+        palette = np.array(list(_data.COLOURS.values()), dtype=np.float32) / 255      # (6, 3)
+        centres = torch.tensor(list(_data.POSITIONS.values())) * torch.tensor(light.shape[2:0:-1])  # (5, 2) px
+        out = []
+        for i in range(len(rgb)):
+            mask = fg[i].numpy()
+            if mask.sum() < MIN_PIXELS:
+                out.append((None, None, None))
+                continue
+            pix = rgb[i][mask].astype(np.float32)                                     # (P, 3)
+            pix /= pix.max(axis=1, keepdims=True)
+            votes = ((pix[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)        # (P,)
+            colour = list(_data.COLOURS)[np.bincount(votes, minlength=len(palette)).argmax()]
+            position = list(_data.POSITIONS)[int(((centres - centroids[i]) ** 2).sum(1).argmin())]
+            out.append((colour, _data.SHAPES[shapes[i]], position))
+        return out
+
+    def accuracy(self, images, captions):
+        """Fraction right per attribute, and for all three at once, against course captions."""
+        truth = [_data.parse(c) for c in captions]
+        if len(truth) != len(images):
+            raise ValueError(f"{len(images)} images but {len(truth)} captions")
+        guess = self(images)
+        right = np.array([[g[k] == t[k] for k in range(3)] for g, t in zip(guess, truth)], dtype=bool)
+        right = right.reshape(-1, 3)
+        return {"colour": float(right[:, 0].mean()), "shape": float(right[:, 1].mean()),
+                "position": float(right[:, 2].mean()), "all": float(right.all(axis=1).mean())}
+
+
+def _augment(x, g):
+    """Make clean windows (N, 1, h, w) look more like decoded samples: dimmer or brighter,
+    a little blurred, a faint background and pixel noise."""
+    n = len(x)
+    x = x * (0.6 + 0.5 * torch.rand(n, 1, 1, 1, generator=g))
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    k = torch.rand(n, 1, 1, 1, generator=g)
+    x = (1 - k) * x + k * blur
+    x = x + 0.1 * torch.rand(n, 1, 1, 1, generator=g)
+    x = x + 0.08 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 1)
+
+
+def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True):
+    """Train the judge's ShapeNet on real course images (chapters 9 and 12); minutes on 2 CPU cores.
+
+    The images come from data.sample(n, seed) with data.HELD_OUT left out, so the judge has
+    never seen the combinations used to measure generalisation. Saves to `path` if given
+    (`data/course_judge.safetensors` ships the result of the defaults). Returns a Judge.
+    """
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    images, captions = _data.sample(n, seed=seed, exclude=_data.HELD_OUT)
+    light, _, centroids = _look(images)
+    x = _crops(light, centroids)                                                   # (n, 1, 16, 16)
+    y = torch.tensor([_data.SHAPES.index(_data.parse(c)[1]) for c in captions])
+    net = ShapeNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="judge", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, n, (batch,), generator=g)
+        loss = F.cross_entropy(net(_augment(x[idx], g)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    judge = Judge(net.eval())
+    if path is not None:
+        judge.save(path)
+    return judge
