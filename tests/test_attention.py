@@ -4,7 +4,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock as TheirBlock
 from diffusers.models.attention import FeedForward as TheirFeedForward
 from diffusers.models.attention_processor import Attention
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers import Transformer2DModel
 
 from minisd.attention import (BasicTransformerBlock, CrossAttention, FeedForward, SelfAttention,
                               SpatialSelfAttention, SpatialTransformer)
