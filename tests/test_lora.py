@@ -1,5 +1,7 @@
 """Chapter 13: LoRA layers, injection into the U-Net, merge/unmerge, and kohya-format files
 that load the same in minisd as in diffusers."""
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,3 +382,48 @@ def test_pipeline_save_load_round_trip_with_text_encoder(tiny_pair, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh.text_encoder(ids), pipe.text_encoder(ids))
         torch.testing.assert_close(fresh.unet(x, t, c), pipe.unet(x, t, c))
+
+
+# --- at the real SD 1.5 size ----------------------------------------------------------------------
+
+def test_sd15_paths_are_diffusers_paths():
+    with torch.device("meta"):                                     # module names and shapes only
+        ours = UNet(UNetConfig.sd15())
+        theirs = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers())
+    names = lora._unet_names(ours)
+    kohya = {"lora_unet_" + n.replace(".", "_"): m for n, m in theirs.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert names.keys() == kohya.keys()
+    for name, path in names.items():
+        assert ours.get_submodule(path).weight.shape == kohya[name].weight.shape, name
+    assert "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0" in names
+    assert "lora_unet_mid_block_attentions_0_proj_in" in names
+
+
+@pytest.mark.slow
+def test_sd15_community_style_lora_loads_like_diffusers(tmp_path):
+    """A file shaped like a typical SD 1.5 community LoRA (kohya's default targets: every Linear
+    and 1x1 conv of the 16 SpatialTransformers, rank 4, alpha 1), on the real U-Net."""
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers())
+    # 860M random numbers take long on 2 cores: every weight is a view into one random buffer
+    # (at its own offset); both models get the same tensors, which is all parity needs
+    buf = 0.02 * torch.randn(32_000_000, generator=torch.Generator().manual_seed(0))
+    sd = {k: buf[(i * 7919) % (len(buf) - v.numel()):][:v.numel()].view(v.shape)
+          for i, (k, v) in enumerate(theirs.state_dict().items())}
+    theirs.load_state_dict(sd, assign=True)
+    theirs.eval()
+    ours = weights.load_unet(sd, UNetConfig.sd15()).eval()         # shares the tensors; load does not write them
+    del sd
+    lora_sd = kohya_file(theirs, tmp_path / "sd15.safetensors", select=("attentions",), alpha=1.0)
+    assert len(lora_sd) == 3 * 16 * (8 + 2 + 2)
+    lora.load(ours, tmp_path / "sd15.safetensors", scale=0.8)
+    load_in_diffusers(theirs, tmp_path / "sd15.safetensors")
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 768)
+    with torch.no_grad():
+        expected = theirs(x, t, ctx, cross_attention_kwargs={"scale": 0.8}).sample
+        out = ours(x, t, ctx)
+    del ours, theirs
+    gc.collect()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
