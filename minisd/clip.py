@@ -150,6 +150,12 @@ class CLIPTextEncoder(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
 
+    @classmethod
+    def course(cls, path=None):
+        """The course CLIP's text encoder (`python -m minisd train clip`, chapter 8), frozen, in eval
+        mode: the course U-Net (chapter 9) reads its (B, 77, 64) context from it."""
+        return CLIP.course(path).text.requires_grad_(False).eval()
+
     def forward(self, ids, skip=0):
         if ids.shape[1] > self.config.positions:
             raise ValueError(f"{ids.shape[1]} tokens but the text encoder has {self.config.positions} positions: "
@@ -161,13 +167,6 @@ class CLIPTextEncoder(nn.Module):
         return self.final_layer_norm(x)
 
 
-def course_text_encoder(path=None):
-    """The course CLIP's text encoder (trained by `python -m minisd train clip`), frozen, in eval mode:
-    what the course U-Net (chapter 9) reads its (B, 77, 64) context from."""
-    text = CLIP.course(path).text
-    return text.requires_grad_(False).eval()
-
-
 # --- the course CLIP (chapter 8) ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class CLIPConfig:
     """A CLIP: a text encoder, a small convolutional image encoder, a shared embedding size."""
     text: CLIPTextConfig = CLIPTextConfig.course()
     image_size: int = 32
-    image_channels: tuple = (32, 64, 64, 128)
+    image_channels: tuple = (32, 64, 128)
     embed_dim: int = 64
 
     @classmethod
@@ -198,7 +197,7 @@ class CLIPConfig:
 
 
 class ImageEncoder(nn.Module):
-    """The course's image tower: a stride-1 conv, then stride-2 convs (each halves the image),
+    """The course's image tower: 3x3 convs of stride 2 (each halves the image; GroupNorm, GELU),
     then the whole small map flattened into one Linear.
 
     CLIP's own image towers are ResNets and ViTs that pool 224x224 images; pooling would throw
@@ -209,15 +208,15 @@ class ImageEncoder(nn.Module):
     def __init__(self, image_size, channels, embed_dim):
         super().__init__()
         layers, c_in = [], 3
-        for i, c in enumerate(channels):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, c), nn.GELU()]
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU()]
             c_in = c
         self.convs = nn.Sequential(*layers)
-        side = image_size // 2 ** (len(channels) - 1)
+        side = image_size // 2 ** len(channels)
         self.proj = nn.Linear(c_in * side * side, embed_dim)
 
     def forward(self, images):
-        h = self.convs(images)                 # (B, 3, S, S) -> (B, C, S/8, S/8)
+        h = self.convs(images)                 # (B, 3, S, S) -> (B, C, S/8, S/8) with 3 convs
         return self.proj(h.flatten(1))         # (B, C, s, s) -> (B, C*s*s) -> (B, embed_dim)
 
 
@@ -256,6 +255,11 @@ class CLIP(nn.Module):
     def encode_image(self, images):
         """(B, 3, S, S) images in [-1, 1] -> (B, embed_dim) unit vectors."""
         return F.normalize(self.image(images), dim=-1)
+
+    @torch.no_grad()
+    def classify(self, images, ids):
+        """Zero-shot classification: for each image, the index of the prompt (row of ids) it fits best."""
+        return (self.encode_image(images) @ self.encode_text(ids).T).argmax(dim=-1)
 
     def scale(self):
         """exp(logit_scale), at most 100 (CLIP clamps logit_scale at ln 100)."""

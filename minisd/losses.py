@@ -173,3 +173,15 @@ def psnr(x, y):
 
 
 # --- CLIP: contrastive loss (chapter 8) -------------------------------------------------------
+
+def clip_loss(logits):
+    """CLIP's symmetric contrastive loss (chapter 8) on the (N images, N captions) logits.
+
+    Pair i is image i with caption i, so the right answer of row i (which caption fits
+    image i?) and of column i (which image fits caption i?) is i: the mean of the two
+    cross-entropies. It assumes the N captions of a batch are all different.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"expected square (N, N) image-text logits, got shape {tuple(logits.shape)}")
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -5,6 +5,24 @@ import torch
 
 # --- CLIP score (chapter 8 / 12) -------------------------------------------------------------
 
+def clip_score(image_embeds, text_embeds):
+    """CLIP score (Hessel et al. 2021, "CLIPScore"; chapters 8 and 12): how well each image fits
+    its own caption, as the mean over pairs of max(100 * cos(image_i, text_i), 0).
+
+    `image_embeds` and `text_embeds` are (N, D) CLIP embeddings of N matching pairs (they are
+    normalised here). Higher is better; 0 to 100. This is the per-pair formula torchmetrics'
+    CLIPScore documents; its code clamps the mean instead of each pair, which gives the same
+    number unless some pair has a negative cosine.
+    """
+    image_embeds, text_embeds = torch.as_tensor(image_embeds), torch.as_tensor(text_embeds)
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"expected two (N, D) embeddings of matching pairs, got {tuple(image_embeds.shape)} "
+                         f"and {tuple(text_embeds.shape)}; embed images with CLIP.encode_image and "
+                         "their captions with CLIP.encode_text")
+    cos = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (N,)
+    return (100 * cos).clamp(min=0).mean().item()
+
+
 # --- Fréchet distance and FID (chapter 12) ---------------------------------------------------
 
 def _as_float64(x, name):
