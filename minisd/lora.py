@@ -276,6 +276,9 @@ def load(obj, path, scale=1.0):
     found = {}
     for key in sd:
         name, _, kind = key.partition(".")
+        if ".lora_A." in key or ".lora_B." in key:
+            raise weights.WeightsError(f"{path}: {key!r} is a diffusers/peft-format LoRA key (lora_A/lora_B); "
+                                       "minisd reads the kohya format (lora_unet_..., lora_down/lora_up)")
         if kind not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise weights.WeightsError(f"{path}: {key!r} is not a plain LoRA tensor (kohya LoRA files hold "
                                        "lora_down.weight, lora_up.weight and alpha; LoHa/LoKr/DoRA are not supported)")

@@ -284,6 +284,7 @@ def edited(sd, key, value):
     ("sdxl_path", r"lora_unet_input_blocks_4_1_proj_in\.lora_down\.weight.*another architecture"),
     ("loha", r"hada_w1_a.*not a plain LoRA"),
     ("missing_up", r"attn1_to_q\.lora_up\.weight is missing"),
+    ("peft_format", r"unet\.down_blocks\.0\.attentions\.0\.proj_in\.lora_A\.weight.*kohya format"),
     ("text_without_encoder", r"lora_te_text_model_encoder_layers_0_self_attn_q_proj.*text encoder"),
 ])
 def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, match):
@@ -296,6 +297,8 @@ def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, matc
         sd = edited(sd, "lora_unet_input_blocks_4_1_proj_in.lora_down.weight", torch.zeros(4, 64, 1, 1))
     elif case == "loha":
         sd = edited(sd, prefix + "attn1_to_q.hada_w1_a", torch.zeros(4, 4))
+    elif case == "peft_format":
+        sd = edited(sd, "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", torch.zeros(4, 32, 1, 1))
     elif case == "missing_up":
         sd = {k: v for k, v in sd.items() if k != prefix + "attn1_to_q.lora_up.weight"}
     else:
