@@ -260,6 +260,26 @@ class UNet(nn.Module):
         self.out = GSC(ch[0], c.out_channels, c.groups, c.norm_eps)
 
     @classmethod
+    def course(cls, path=None):
+        """The course U-Net trained by `python -m minisd train unet` (chapter 9), from
+        data/course_unet.safetensors; its config is read from the file's metadata."""
+        from safetensors import safe_open
+        from . import DATA_DIR
+        from .weights import WeightsError, load_into, load_state_dict
+        path = Path(DATA_DIR / "course_unet.safetensors" if path is None else path)
+        if not path.exists():
+            raise FileNotFoundError(f"no course U-Net at {path}: train one with `python -m minisd train unet`")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
+                               "`python -m minisd train unet` (for a diffusers U-Net use UNet.from_diffusers)")
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
+        with torch.device("meta"):
+            unet = cls(UNetConfig(**config))
+        return load_into(unet, load_state_dict(path), str(path)).eval()
+
+    @classmethod
     def from_diffusers(cls, folder):
         """Load a diffusers U-Net folder (`config.json` + `diffusion_pytorch_model.safetensors`,
         or the pipeline folder holding `unet/`) without random initialisation."""
