@@ -23,6 +23,7 @@
 # ResNetBlock of the U-Net receives.
 
 # %%
+# %matplotlib inline
 import math
 
 import matplotlib.pyplot as plt
@@ -31,7 +32,7 @@ import torch
 import minisd
 from minisd.embeddings import TimestepEmbedding, timestep_embedding
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## Sinusoids at geometric frequencies

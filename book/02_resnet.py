@@ -26,6 +26,7 @@
 # (Wu & He, 2018). This chapter builds each piece with small tensors you can look at.
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 import minisd
 from minisd.resnet import GSC, Downsample, ResNetBlock, Upsample
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## GSC: GroupNorm, SiLU, Conv
@@ -127,7 +128,7 @@ print("nearest x2 of [[0, 1], [2, 3]]:\n", F.interpolate(small, scale_factor=2.0
 # Here is one block at work on a course image, lifted to 32 channels by a 3×3 convolution:
 
 # %%
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 image = images[:1]
 block = ResNetBlock(32, 64, temb_channels=128, groups=8)
 temb_early, temb_late = torch.randn(1, 128), torch.randn(1, 128)
@@ -190,7 +191,7 @@ from diffusers.models.upsampling import Upsample2D
 
 from minisd.weights import unet_key
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 theirs = ResnetBlock2D(in_channels=320, out_channels=640, temb_channels=1280, eps=1e-5).eval()  # as the U-Net builds it
 ours = ResNetBlock(320, 640, temb_channels=1280).eval()
 prefix = "down_blocks.1.resnets.0."

@@ -21,6 +21,7 @@
 # inside a U-Net with text as keys and values is Latent Diffusion's (Rombach et al., 2022).
 
 # %%
+# %matplotlib inline
 import math
 
 import matplotlib.pyplot as plt
@@ -32,7 +33,7 @@ import minisd
 from minisd.attention import (BasicTransformerBlock, CrossAttention, FeedForward, SelfAttention,
                               SpatialTransformer)
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## Scaled dot-product attention
