@@ -184,7 +184,8 @@ class CLIPConfig:
 
     @classmethod
     def tiny(cls):
-        return cls(text=CLIPTextConfig.tiny(), image_size=16, image_channels=(8, 16), embed_dim=16)
+        """A few-second CLIP on course images, for tests."""
+        return cls(text=CLIPTextConfig.tiny(), image_channels=(8, 16), embed_dim=16)
 
     def to_json(self):
         return json.dumps(asdict(self))

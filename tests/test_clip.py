@@ -145,7 +145,7 @@ def test_causal_mask_later_tokens_do_not_change_earlier_outputs():
 def test_clip_logits_and_embeddings():
     torch.manual_seed(0)
     model = CLIP(CLIPConfig.tiny()).eval()
-    images = torch.randn(3, 3, 16, 16)
+    images = torch.randn(3, 3, 32, 32)
     ids = prompt_ids()
     with torch.no_grad():
         img, txt = model.encode_image(images), model.encode_text(ids)
@@ -185,3 +185,30 @@ def test_course_clip_save_load_round_trip(tmp_path):
         torch.testing.assert_close(b, a.half().float(), msg=k)
     with pytest.raises(FileNotFoundError, match="train clip"):
         weights.load_course_clip(tmp_path / "none.safetensors")
+
+
+def test_training_lowers_the_contrastive_loss():
+    from minisd.train import train_clip_model
+    model, log = train_clip_model(CLIPConfig.tiny(), steps=40, batch_size=16, lr=3e-3, n_train=400,
+                                  log_every=10, progress=False)
+    assert log["loss"][0] > 2.0          # about ln 16 = 2.77 at the start
+    assert log["loss"][-1] < 0.6 * log["loss"][0]
+
+
+def test_committed_course_clip():
+    """data/course_clip.safetensors: small, reproducible, and it reads the course images."""
+    from safetensors import safe_open
+    from minisd import data
+    from minisd.train import clip_zero_shot_accuracy
+    path = minisd.DATA_DIR / "course_clip.safetensors"
+    assert path.stat().st_size <= 8_000_000
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["command"].startswith("python -m minisd train clip")
+    model = CLIP.course()
+    assert model.config == CLIPConfig.course()
+    text = CLIPTextEncoder.course()
+    assert not any(p.requires_grad for p in text.parameters())
+    assert text(minisd.CLIPTokenizer.sd15()("a red circle in the top left")).shape == (1, 77, 64)
+    images, captions = data.sample(180, seed=99, only=data.HELD_OUT)   # never seen in training
+    acc = clip_zero_shot_accuracy(model, images, captions)
+    assert acc["colour"] >= 0.95 and acc["shape"] >= 0.90 and acc["position"] >= 0.90, acc
