@@ -18,8 +18,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def pytest_configure(config):
-    if hasattr(config.option, "sanitize_with") and not config.option.sanitize_with:
-        config.option.sanitize_with = str(ROOT / "book" / "sanitize.cfg")
+    if hasattr(config.option, "nbval_sanitize_with") and not (
+            config.option.nbval_sanitize_with or config.option.sanitize_with):
+        config.option.nbval_sanitize_with = str(ROOT / "book" / "sanitize.cfg")
 
 
 def pytest_collection_modifyitems(config, items):
