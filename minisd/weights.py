@@ -582,11 +582,17 @@ def from_diffusers(unet, vae, text_encoder, unet_config=None, vae_config=None, t
 
 
 def _component_file(folder, names):
-    """The first of `names` in `folder`, or a FileNotFoundError that lists what was looked for."""
+    """The weights of one part: the first of `names` in `folder`, or the shards that its
+    `NAME.index.json` lists (large parts are saved in pieces), merged into one state dict."""
+    import json
     for name in names:
         if (folder / name).exists():
             return folder / name
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {names}")
+        index = folder / f"{name}.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_state_dict(folder / shard).items()}
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {names} (or its .index.json and shards)")
 
 
 def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
