@@ -43,8 +43,10 @@ def write_clip_tokenizer(folder):
     return folder
 
 
-def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=0):
-    """A random diffusers StableDiffusionPipeline (seeded), saved to `folder` and returned."""
+def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=0, max_shard_size="10GB"):
+    """A random diffusers StableDiffusionPipeline (seeded), saved to `folder` and returned.
+    A small `max_shard_size` saves large parts in shards (safetensors writes a whole file from
+    memory: shards keep the peak down)."""
     import diffusers
     import transformers
     torch.manual_seed(seed)
@@ -57,7 +59,7 @@ def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, see
         tokenizer=tokenizer, unet=diffusers.UNet2DConditionModel(**unet),
         scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(folder))
+    pipe.save_pretrained(str(folder), max_shard_size=max_shard_size)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

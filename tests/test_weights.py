@@ -243,3 +243,13 @@ def test_diffusers_component_file_is_not_a_single_file(tiny):
     ref, _, folder = tiny
     with pytest.raises(WeightsError, match="diffusers' layout.*folder"):
         StableDiffusion.from_pretrained(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_sharded_folder_loads(tiny, tmp_path):
+    """Large parts are saved in shards with an index (`*.safetensors.index.json`)."""
+    _, ours, _ = tiny
+    reference_pipeline(tmp_path / "sharded", max_shard_size="300KB")
+    assert (tmp_path / "sharded" / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    pipe = StableDiffusion.from_pretrained(tmp_path / "sharded")
+    for part in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(pipe, part).state_dict(), getattr(ours, part).state_dict())
