@@ -19,7 +19,7 @@ def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_
     term with LDM's adaptive weight; then one discriminator step on the hinge loss. With
     `vq_codes` the latents go through a VectorQuantizer instead of being sampled (no KL).
     `log` holds each term's value every `log_every` steps and the held-out PSNR, and
-    `log["discriminator"]` the PatchGAN (or None).
+    `log["discriminator"]` the PatchGAN, `log["quantizer"]` the VectorQuantizer (or None).
     """
     import torch
     from tqdm import tqdm
@@ -82,16 +82,18 @@ def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_
             d.backward()
             d_opt.step()
         for k, v in (("l1", l1), ("perceptual", p), ("reg", reg), ("g", g), ("d", d)):
-            acc[k] += v.item() / log_every
+            acc[k] += v.item()
         if step % log_every == 0 or step == steps:
+            n = step - (log["step"][-1] if log["step"] else 0)  # steps since the last entry
             log["step"].append(step)
             for k in acc:
-                log[k].append(acc[k])
+                log[k].append(acc[k] / n)
                 acc[k] = 0.0
             log["psnr"].append(held_out_psnr(model, held_out, vq))
             bar.set_postfix(l1=f"{log['l1'][-1]:.4f}", psnr=f"{log['psnr'][-1]:.1f}")
     model.eval()
     log["discriminator"] = disc.eval() if disc is not None else None
+    log["quantizer"] = vq
     return model, log
 
 
@@ -121,10 +123,11 @@ def latent_scale(model, images):
     return 1.0 / z.std().item()
 
 
-def vae_sweep(factors=(1, 2, 4, 8), channels=(1, 4, 16), steps=120, batch_size=16, seed=0, progress=True):
+def vae_sweep(factors=(1, 2, 4, 8), channels=(2, 8), steps=100, batch_size=8, seed=0, progress=True):
     """The f/c table of the LDM paper on course data: PSNR after the same short budget."""
     import time
     from .vae import VAEConfig
+    held_out = held_out_images(128)
     rows = []
     for f in factors:
         widths = (16, 32, 32, 32)[: int(math.log2(f)) + 1]  # one block per halving, same widths
@@ -133,8 +136,8 @@ def vae_sweep(factors=(1, 2, 4, 8), channels=(1, 4, 16), steps=120, batch_size=1
                                norm_groups=8, scaling_factor=1.0, sample_size=32)
             t0 = time.process_time()
             _, log = train_vae_model(config, steps=steps, batch_size=batch_size, seed=seed,
-                                     perceptual_weight=0.0, log_every=max(steps // 6, 1), lr=3e-3,
-                                     n_train=4000, progress=False)
+                                     perceptual_weight=0.0, log_every=max(steps // 5, 1), lr=3e-3,
+                                     n_train=4000, eval_images=held_out, progress=False)
             rows.append({"f": f, "c": c, "latent_shape": [c, 32 // f, 32 // f], "psnr": round(log["psnr"][-1], 2),
                          "psnr_curve": [round(v, 2) for v in log["psnr"]], "curve_steps": log["step"],
                          "cpu_seconds": round(time.process_time() - t0, 1)})
@@ -162,7 +165,7 @@ def cli_vae(argv):
     p.add_argument("--out", default=None, help="checkpoint path (default data/course_vae.safetensors; "
                    "with --sweep, data/vae_fc_sweep.json)")
     p.add_argument("--sweep", action="store_true", help="the f/c table instead: PSNR vs f and c, equal budgets")
-    p.add_argument("--sweep-steps", type=int, default=120)
+    p.add_argument("--sweep-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a 2-core machine shared with other work, 2 threads "
                         "ran a step of this small model ~10x slower than 1)")
@@ -174,7 +177,7 @@ def cli_vae(argv):
         t0 = time.time()
         rows = vae_sweep(steps=args.sweep_steps, seed=args.seed)
         with open(out, "w") as f:
-            json.dump({"command": command, "steps": args.sweep_steps, "batch_size": 16,
+            json.dump({"command": command, "steps": args.sweep_steps, "batch_size": 8,
                        "objective": "foreground-weighted L1 + 1e-6 KL", "rows": rows}, f, indent=1)
         print(f"wrote {out} ({time.time() - t0:.0f} s)")
         return 0
@@ -341,7 +344,7 @@ def course_unet_config(context_dim):
     ResNetBlock per down block; `context_dim` is the course text encoder's width.
     """
     from .unet import UNetConfig
-    return UNetConfig(block_channels=(32, 64, 96), cross_attention=(True, True, True), heads=(2, 4, 4),
+    return UNetConfig(block_channels=(32, 64, 64), cross_attention=(True, True, True), heads=(2, 4, 4),
                       layers_per_block=1, context_dim=context_dim, groups=8, sample_size=8)
 
 

@@ -238,11 +238,6 @@ class AutoencoderKL(nn.Module):
                              f"got shape {tuple(latents.shape)}")
         return self.decoder(self.post_quant_conv(latents))
 
-    def forward(self, images, generator=None):
-        """Training pass: (reconstruction from a sampled z, the posterior)."""
-        posterior = self.encode(images)
-        return self.decode(posterior.sample(generator)), posterior
-
     @classmethod
     def course(cls, path=None):
         """The course VAE trained by `python -m minisd train vae`, from data/course_vae.safetensors."""
