@@ -43,6 +43,9 @@ class Scheduler:
 
     def _leading(self, n):
         """"leading" spacing: every (T // n)-th step counted from 0, plus the offset, descending."""
+        if n == self.num_train_timesteps:  # diffusers fails the same way, with an IndexError
+            raise ValueError(f"with steps_offset={STEPS_OFFSET}, {type(self).__name__} can take at most "
+                             f"{n - 1} steps: {n} would start at t={n}, past the last training step")
         ratio = self.num_train_timesteps // n
         return torch.from_numpy(np.arange(n)[::-1] * ratio + STEPS_OFFSET).long()
 

@@ -62,3 +62,18 @@ def test_robust_to_mild_noise_and_dimming(judge):
 def test_rejects_float_images(judge):
     with pytest.raises(ValueError, match="to_uint8"):
         judge(data.to_tensor(data.sample(2)[0]).numpy())
+
+
+def test_train_save_load_round_trip(tmp_path):
+    # a few steps only: this checks the plumbing, not the accuracy (the tests above do that)
+    from minisd.metrics import train_judge
+    path = tmp_path / "judge.safetensors"
+    trained = train_judge(n=256, steps=5, batch=32, path=path, progress=False)
+    images, _ = data.sample(20, seed=5)
+    with torch.no_grad():
+        from minisd.metrics import _crops, _look
+        light, _, centroids = _look(images)
+        before = trained.net(_crops(light, centroids))
+        after = Judge.load(path).net(_crops(light, centroids))
+    assert before.shape == (20, 3)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)

@@ -136,6 +136,11 @@ def test_bad_use_raises_clear_errors():
         s.step(torch.zeros(1), 981, torch.zeros(1))
     with pytest.raises(ValueError, match=r"\[1, 1000\]"):
         s.set_timesteps(0)
+    with pytest.raises(ValueError, match="at most 999 steps"):
+        s.set_timesteps(1000)  # "leading" + steps_offset=1 would start at t=1000
+    euler = make_scheduler("euler")
+    euler.set_timesteps(1000)  # "linspace" has no such limit
+    assert euler.timesteps[0] == 999.0
     s.set_timesteps(10)
     with pytest.raises(ValueError, match="not one of"):
         s.step(torch.zeros(1), 500, torch.zeros(1))
