@@ -142,7 +142,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from . import data as _data  # noqa: E402
 
-FOREGROUND = 0.4   # a pixel is foreground when its brightest channel is above 40 % of full scale
+FOREGROUND = 0.4   # foreground: brightest channel above 40 % of full scale and above half the image's peak
 MIN_PIXELS = 10    # fewer foreground pixels than this: a blank canvas, judged (None, None, None)
 CROP = 16          # ShapeNet sees a CROP x CROP window centred on the shape
 JUDGE_FILE = "course_judge.safetensors"
@@ -174,7 +174,8 @@ def _look(images):
         raise ValueError(f"the judge takes uint8 images (N, H, W, 3), got {images.dtype} {images.shape}; "
                          "convert float tensors in [-1, 1] with minisd.data.to_uint8")
     light = torch.from_numpy(images.max(axis=-1)).float() / 255
-    fg = light > FOREGROUND
+    peak = light.amax(dim=(1, 2), keepdim=True) if len(light) else light
+    fg = (light > FOREGROUND) & (light > 0.5 * peak)  # a hazy background below the shape is not foreground
     wgt = light * fg
     n, h, w = light.shape
     mass = wgt.sum(dim=(1, 2)).clamp(min=1e-6)
@@ -184,7 +185,12 @@ def _look(images):
 
 
 def _crops(light, centroids):
-    """CROP x CROP windows of light (N, H, W) centred on each centroid -> (N, 1, CROP, CROP)."""
+    """CROP x CROP windows of light (N, H, W) centred on each centroid -> (N, 1, CROP, CROP),
+    stretched so the image's background (its median) is 0 and its peak 1: a hazy or dim
+    sample looks like the clean drawings ShapeNet learned from (which it leaves unchanged)."""
+    background = light.flatten(1).median(dim=1).values[:, None, None]
+    peak = light.amax(dim=(1, 2), keepdim=True)
+    light = ((light - background) / (peak - background).clamp(min=1e-3)).clamp(0, 1)
     pad = CROP // 2
     padded = F.pad(light, (pad, pad, pad, pad))  # original pixel i sits at i + pad
     corners = centroids.round().long()           # window [c - pad, c + pad) -> padded [c, c + CROP)
