@@ -53,7 +53,7 @@ class Scheduler:
         """Position of timestep t in self.timesteps, or a ValueError saying what to do."""
         if self.timesteps is None:
             raise ValueError(f"call set_timesteps(n) on the {type(self).__name__} sampler before step()")
-        hits = (self.timesteps == torch.as_tensor(t)).nonzero()
+        hits = (self.timesteps == torch.as_tensor(t).cpu()).nonzero()
         if len(hits) == 0:
             raise ValueError(f"t={t} is not one of this sampler's timesteps; pass the values of .timesteps")
         return int(hits[0])
