@@ -1,0 +1,265 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
+
+# %% [markdown]
+# # 8. Training CLIP: images and captions in one space
+#
+# Chapter 7 used CLIP's text encoder as SD does: frozen, as released. This chapter shows where
+# its knowledge comes from. CLIP (Radford et al., 2021) trains **two** encoders at once, one
+# for text and one for images, on 400 million image/caption pairs from the web, with one
+# objective: the embedding of an image must be closer to the embedding of *its* caption than
+# to the embeddings of all the other captions in the batch. Nothing tells it what a "horse" is;
+# it learns it because "horse" captions keep appearing next to horse pictures.
+#
+# We do the same at course size: a small `CLIPTextEncoder` that reads SD's real tokenizer, a
+# small image encoder, and the course images with their captions. The text encoder trained
+# here is the one the course U-Net (chapter 9) reads its context from.
+
+# %%
+# %matplotlib inline
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import minisd
+from minisd import data, losses, metrics
+from minisd.clip import CLIP, CLIPConfig
+from minisd.train import clip_test_sets, clip_zero_shot_accuracy, train_clip_model
+
+_ = torch.manual_seed(0)  # (assigned: nbval shows a trailing-";" result)
+tok = minisd.CLIPTokenizer.sd15()
+
+# %% [markdown]
+# ## The data: pictures and their captions
+#
+# `minisd.data` draws a coloured shape on black and says what it drew: 6 colours, 3 shapes,
+# 5 positions, 90 captions in all. Nine (colour, shape, position) combinations are **held
+# out**: no training image shows them and no training caption names them, so they test whether
+# CLIP learned the three words separately or just memorised 81 pictures.
+
+# %%
+images, captions = data.sample(8, seed=3, exclude=data.HELD_OUT)
+data.show(images, captions, ncols=8)
+plt.show()
+print("held out:", [data.caption(*c) for c in data.HELD_OUT[:3]], "...")
+
+# %% [markdown]
+# ## Two encoders, one space
+#
+# The text side is chapter 7's `CLIPTextEncoder` with `CLIPTextConfig.course()`: 4 layers, 64
+# wide, the real 49,408-token vocabulary. CLIP reads a caption's meaning at one position: the
+# first `<|endoftext|>`, the only token whose causal attention has seen the whole caption. A
+# linear map (`text_projection`) takes it to the shared space.
+#
+# The image side is ours to choose. CLIP's paper tried ResNets and Vision Transformers on
+# $224 \times 224$ photos; for $32 \times 32$ shapes, three stride-2 convolutions (each
+# followed by GroupNorm and GELU) take the image to a $128 \times 4 \times 4$ map, and one
+# linear layer reads the *whole* map. It does not average over positions (as a ResNet's pooling
+# would): the captions name a position, so *where* a feature fires must survive.
+
+# %%
+model = CLIP(CLIPConfig.course())
+count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+print(CLIPConfig.course())
+print(f"text encoder {count(model.text):,} (token table {count(model.text.embeddings.token_embedding):,}) "
+      f"+ projection {count(model.text_projection):,}")
+print(f"image encoder {count(model.image):,}")
+print(model.image)
+
+# %% [markdown]
+# With $N$ pairs in a batch, the image encoder gives $u_1, \dots, u_N$ and the text encoder
+# $v_1, \dots, v_N$, each normalised to length 1. Their dot products are cosine similarities;
+# scaled by a learned temperature they are the logits
+#
+# $$ L_{ij} = e^{t} \, \frac{u_i \cdot v_j}{\|u_i\| \|v_j\|}, \qquad e^{t} \le 100, $$
+#
+# an $N \times N$ matrix whose diagonal holds the $N$ true pairs and whose $N^2 - N$ other
+# entries are the wrong ones. The loss asks each row to pick its diagonal entry among $N$
+# captions, and each column to pick it among $N$ images:
+#
+# $$ \mathcal{L} = \frac{1}{2N} \sum_{i=1}^{N} \Big[ -\log \frac{e^{L_{ii}}}{\sum_j e^{L_{ij}}}
+#    \; - \log \frac{e^{L_{ii}}}{\sum_j e^{L_{ji}}} \Big]. $$
+#
+# $t$ starts at $\ln(1/0.07)$ (a temperature of 0.07) and is learned; CLIP caps $e^t$ at 100 so
+# the logits cannot grow without bound. Here it is by hand on 6 pairs with different captions,
+# then with `minisd.losses.clip_loss`:
+
+# %%
+combos = [("red", "circle", "in the top left"), ("green", "square", "in the center"),
+          ("blue", "triangle", "in the bottom right"), ("yellow", "circle", "in the top right"),
+          ("cyan", "square", "in the bottom left"), ("magenta", "triangle", "in the center")]
+pair_images, pair_captions = data.sample(6, seed=7, only=combos)
+x, ids = data.to_tensor(pair_images), tok(pair_captions)
+with torch.no_grad():
+    u, v = model.encode_image(x), model.encode_text(ids)              # (6, 64) each, unit length
+    logits = model.scale() * u @ v.T                                  # (6 images, 6 captions)
+    target = torch.arange(6)
+    by_hand = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+print("embeddings:", tuple(u.shape), tuple(v.shape), "| scale e^t =", round(model.scale().item(), 2))
+print("loss by hand:", round(by_hand.item(), 4), "| losses.clip_loss:", round(losses.clip_loss(logits).item(), 4),
+      "| ln 6 =", round(np.log(6), 4))
+
+# %% [markdown]
+# Untrained, the loss is near $\ln N$: every caption is as likely as any other. CLIP's loss
+# assumes the $N$ captions of a batch are different (two identical captions would each be
+# counted wrong for the other's image), so the course trainer draws each batch from distinct
+# captions: 64 of the 81 training captions at a time.
+#
+# ## Before training: the similarity matrix
+#
+# Twelve images with twelve different captions; rows are images, columns captions. A trained
+# CLIP should light up the diagonal.
+
+# %%
+grid_combos = [("red", "circle", "in the top left"), ("red", "square", "in the top left"),
+               ("red", "triangle", "in the top left"), ("green", "circle", "in the top left"),
+               ("blue", "circle", "in the top left"), ("red", "circle", "in the bottom right"),
+               ("yellow", "square", "in the center"), ("cyan", "triangle", "in the bottom left"),
+               ("magenta", "square", "in the top right"), ("blue", "triangle", "in the center"),
+               ("green", "square", "in the bottom right"), ("yellow", "triangle", "in the top right")]
+grid_images = np.stack([data.render(*c, rng=np.random.default_rng(i)) for i, c in enumerate(grid_combos)])
+grid_captions = [data.caption(*c) for c in grid_combos]
+
+
+def similarity_figure(clip, title):
+    with torch.no_grad():
+        sim = clip.encode_image(data.to_tensor(grid_images)) @ clip.encode_text(tok(grid_captions)).T
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    im = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
+    ax.set_xticks(range(12), [c[2:] for c in grid_captions], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(12), [""] * 12)
+    for i, img in enumerate(grid_images):  # the image itself as the row label
+        ax.add_artist(plt.matplotlib.offsetbox.AnnotationBbox(
+            plt.matplotlib.offsetbox.OffsetImage(img, zoom=0.55), (-1.2, i), frameon=False, annotation_clip=False))
+    ax.set(title=title, xlabel="caption")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    plt.show()
+    return sim
+
+
+sim_before = similarity_figure(model, "untrained: cosine(image i, caption j)")
+print("diagonal mean", round(sim_before.diag().mean().item(), 3), "| off-diagonal mean",
+      round((sim_before.sum() - sim_before.diag().sum()).item() / 132, 3))
+
+# %% [markdown]
+# ## A short training run
+#
+# `minisd.train.train_clip_model` is the whole loop: draw 64 distinct captions and one image of
+# each, compute the $64 \times 64$ logits, take an Adam step on the symmetric loss. The captions
+# use about 30 of the 49,408 token rows, so the token table gets a sparse gradient and
+# `SparseAdam`, which updates only those rows. Here, 40 steps of it:
+
+# %%
+short, log = train_clip_model(steps=40, n_train=4000, log_every=5)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(log["step"], log["loss"], marker="o")
+ax.axhline(np.log(64), color="grey", linestyle=":", label="ln 64 (chance)")
+ax.set(xlabel="step", ylabel="contrastive loss", title="40 steps of CLIP training")
+ax.legend()
+plt.show()
+print("loss:", [round(v, 3) for v in log["loss"]])
+
+# %% [markdown]
+# ## The course CLIP
+#
+# The full run, `python -m minisd train clip`, does the same for 300 steps and writes
+# `data/course_clip.safetensors` (in float16: 7 MB, most of it the token table). The file records
+# the command that made it:
+
+# %%
+from safetensors import safe_open  # noqa: E402
+
+path = minisd.DATA_DIR / "course_clip.safetensors"
+with safe_open(str(path), "pt") as f:
+    meta = f.metadata()
+print("command:", meta["command"])
+print(f"file: {path.stat().st_size / 1e6:.1f} MB")
+clip = CLIP.course()
+print("learned scale e^t:", round(clip.scale().item(), 1))
+
+# %%
+sim_after = similarity_figure(clip, "trained: cosine(image i, caption j)")
+print("diagonal mean", round(sim_after.diag().mean().item(), 3), "| off-diagonal mean",
+      round((sim_after.sum() - sim_after.diag().sum()).item() / 132, 3))
+
+# %% [markdown]
+# The diagonal is bright and the rest is dark, but not uniformly: a red circle in the top left
+# is still somewhat similar to "a red square in the top left", which shares two of its three
+# words. The space has structure.
+#
+# ## Zero-shot classification
+#
+# "Zero-shot" means classifying with text instead of a trained classifier head: embed every
+# candidate caption once, and give each image the caption closest to it. With the 90 course
+# captions as candidates, one choice says the colour, the shape and the position at once. The
+# test images are new drawings: of the 81 training combinations, and of the 9 held-out ones that
+# neither encoder has ever seen.
+
+# %%
+prompts = [data.caption(*c) for c in data.combinations()]
+tests = clip_test_sets()
+rows = {name: clip_zero_shot_accuracy(clip, imgs, caps) for name, (imgs, caps) in tests.items()}
+print(f"{'test images (900 each)':24} {'colour':>8} {'shape':>8} {'position':>9} {'caption':>8}")
+for name, acc in rows.items():
+    print(f"{name:24} {acc['colour']:8.1%} {acc['shape']:8.1%} {acc['position']:9.1%} {acc['caption']:8.1%}")
+
+# %%
+held_images, held_captions = tests["held-out combinations"]
+with torch.no_grad():
+    guess = clip.classify(data.to_tensor(held_images[:16]), tok(prompts))
+labels = [f"{'✓' if prompts[g] == c else '✗'} {prompts[g]}" for g, c in zip(guess.tolist(), held_captions[:16])]
+data.show(held_images[:16], labels, ncols=8)
+plt.suptitle("held-out combinations, labelled by the course CLIP", y=1.02)
+plt.show()
+
+# %% [markdown]
+# ## CLIP score
+#
+# The same cosine similarity measures how well an image fits its text, which is how chapter 12
+# scores generated images: the CLIP score (Hessel et al., 2021) is the mean over pairs of
+# $\max(100 \cos(u_i, v_i), 0)$. Right captions against shuffled ones:
+
+# %%
+imgs, caps = tests["seen combinations"]
+with torch.no_grad():
+    u = clip.encode_image(data.to_tensor(imgs[:200]))
+    v_right = clip.encode_text(tok(caps[:200]))
+    v_wrong = clip.encode_text(tok(caps[1:201]))
+print("CLIP score, right captions:   ", round(metrics.clip_score(u, v_right), 1))
+print("CLIP score, shuffled captions:", round(metrics.clip_score(u, v_wrong), 1))
+
+# %% [markdown]
+# ## Ours == transformers
+#
+# The course text encoder is an ordinary CLIP text model: its weights load into transformers'
+# `CLIPTextModel` (configured 64 wide, 4 layers, 4 heads) and give the same context, and the
+# loss equals transformers' own CLIP loss on the same logits.
+
+# %%
+import transformers  # noqa: E402
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss  # noqa: E402
+
+c = clip.text.config
+theirs = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+    vocab_size=c.vocab_size, hidden_size=c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
+    intermediate_size=c.mlp_width, max_position_embeddings=c.positions, hidden_act="quick_gelu")).eval()
+theirs.load_state_dict(clip.text.state_dict())
+ids = tok(grid_captions)
+with torch.no_grad():
+    d = (clip.text(ids) - theirs(ids).last_hidden_state).abs().max().item()
+    logits = clip(data.to_tensor(grid_images), ids)
+    d_loss = abs(losses.clip_loss(logits).item() - image_text_contrastive_loss(logits.T).item())
+print(f"course text encoder vs transformers: max |diff| = {d:.1e}")
+print(f"clip_loss vs transformers' image_text_contrastive_loss: max |diff| = {d_loss:.1e}")
