@@ -206,6 +206,24 @@ plt.show()
 # PNDM already match the data. DDPM, which adds fresh noise at every step, sits in between;
 # it was designed for the full 1000-step chain.
 #
+# DDIM and DDPM are two ends of one family: DDIM's $\eta$ sets how much fresh noise each step
+# adds, from none ($\eta = 0$, SD's default: the same $x_T$ always gives the same sample) to
+# DDPM's amount ($\eta = 1$). Two runs from the same $x_T$ with different noise seeds:
+
+# %%
+from minisd.schedulers import DDIM
+
+for eta in [0.0, 1.0]:
+    runs = []
+    for seed in [0, 1]:
+        ddim, x, g = DDIM(eta=eta), x_T[:500], torch.Generator().manual_seed(seed)
+        ddim.set_timesteps(10)
+        for t in ddim.timesteps:
+            x = ddim.step(toy_eps(x, t), t, x, generator=g)
+        runs.append(x)
+    print(f"DDIM eta = {eta}: the two seeds' samples lie {(runs[0] - runs[1]).norm(dim=1).mean():.3f} apart on average")
+
+# %% [markdown]
 # ## The denoising trajectory: $x_t$ and the predicted $x_0$ per step
 #
 # Follow a handful of points through a DDIM run. The left panel is $x_t$ itself (noise
