@@ -172,7 +172,114 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, keep_memory=F
     return dict(loads=loads, steps=results)
 
 
-COMPONENTS = {"unet": bench_unet}
+# --- the whole pipeline -------------------------------------------------------------------
+
+def _pipeline_load(side, folder, device, dtype):
+    """In a fresh process: a diffusers folder -> the three parts ready (seconds); peak memory."""
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    if side == "minisd":
+        from .pipeline import StableDiffusion
+        start = time.perf_counter()
+        StableDiffusion.from_pretrained(folder, device=device, dtype=dtype)
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        start = time.perf_counter()
+        UNet2DConditionModel.from_pretrained(f"{folder}/unet", torch_dtype=dtype).to(device)
+        AutoencoderKL.from_pretrained(f"{folder}/vae", torch_dtype=dtype).to(device)
+        CLIPTextModel.from_pretrained(f"{folder}/text_encoder", torch_dtype=dtype).to(device)
+    _sync(device)
+    return time.perf_counter() - start, _peak_memory_gib(device)
+
+
+def bench_pipeline(device, dtype, sizes, repeats, tiny=False, keep_memory=False):
+    """Text to image end to end, minisd.StableDiffusion vs diffusers' StableDiffusionPipeline on
+    the same random SD 1.5 weights: PNDM, guidance 7.5, 4 steps at 256x256 on the CPU (the latent
+    size is the first of `sizes` x 8), 30 steps at 512x512 on CUDA."""
+    import diffusers
+    import transformers
+
+    from . import weights
+    from .clip import CLIPTextConfig
+    from .tokenizer import CLIPTokenizer
+    from .unet import UNetConfig
+    from .vae import VAEConfig
+
+    unet_config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
+    vae_config = VAEConfig.tiny() if tiny else VAEConfig.sd15()
+    text_config = CLIPTextConfig.tiny() if tiny else CLIPTextConfig.sd15()
+    steps = 30 if device == "cuda" else 4
+    size = (64 if device == "cuda" else sizes[0]) if not tiny else 8
+    pixels = size * vae_config.factor
+    print(f"pipeline, {'tiny' if tiny else 'SD 1.5'} config, random weights, {pixels}x{pixels}, {steps} PNDM steps, "
+          f"guidance 7.5, {dtype}, {device}, {torch.get_num_threads()} threads, medians of {repeats}")
+    c, v = text_config, vae_config
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("meta"):
+            parts = {
+                "unet": diffusers.UNet2DConditionModel(**unet_config.to_diffusers()),
+                "vae": diffusers.AutoencoderKL(
+                    block_out_channels=list(v.block_out_channels), layers_per_block=v.layers_per_block,
+                    norm_num_groups=v.norm_groups, down_block_types=["DownEncoderBlock2D"] * len(v.block_out_channels),
+                    up_block_types=["UpDecoderBlock2D"] * len(v.block_out_channels)),
+                "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(
+                    hidden_size=c.width, intermediate_size=c.mlp_width, num_hidden_layers=c.layers,
+                    num_attention_heads=c.heads, hidden_act="quick_gelu")),
+            }
+        for name, model in parts.items():
+            model.load_state_dict(random_weights(model), assign=True)
+            model.save_pretrained(f"{tmp}/{name}")
+        del parts
+        spawn = multiprocessing.get_context("spawn")
+        print("\ndiffusers folder -> U-Net, VAE and text encoder ready (fresh process each):")
+        loads = {}
+        for side in ("minisd", "diffusers"):
+            with spawn.Pool(1, initializer=keep_freed_memory if keep_memory else None) as pool:
+                loads[side] = pool.apply(_pipeline_load, (side, tmp, device, dtype))
+            print(f"  {side:9s} load {loads[side][0]:6.2f} s   peak memory {loads[side][1]:5.2f} GiB")
+        print(f"  ratio     load {loads['minisd'][0] / loads['diffusers'][0]:6.2f}    "
+              f"peak memory {loads['minisd'][1] / loads['diffusers'][1]:5.2f}")
+        dt = getattr(torch, dtype)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(f"{tmp}/unet", torch_dtype=dt).to(device).eval()
+        vae = diffusers.AutoencoderKL.from_pretrained(f"{tmp}/vae", torch_dtype=dt).to(device).eval()
+        text = transformers.CLIPTextModel.from_pretrained(f"{tmp}/text_encoder", torch_dtype=dt).to(device).eval()
+    if dt == torch.float16:
+        vae = vae.float()  # as minisd, which keeps SD's VAE in float32 (diffusers' force_upcast)
+    # ours holds the very same tensors, renamed: no second copy of the weights
+    ours = weights.from_diffusers(unet.state_dict(), vae.state_dict(), text.state_dict(), unet_config, vae_config,
+                                  text_config, device=device, dtype=dt)
+    theirs = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+        scheduler=diffusers.PNDMScheduler.from_config(dict(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    tokenizer = CLIPTokenizer.sd15()
+    prompt = "a photograph of an astronaut riding a horse"
+    x = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+
+    def diffusers_run():  # their text encoder on the same token ids (diffusers needs a transformers tokenizer)
+        embeds = text(tokenizer([prompt, ""]).to(device))[0]
+        return theirs(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], latents=x, height=pixels,
+                      width=pixels, num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
+
+    def minisd_run():
+        return ours(prompt, latents=x, height=pixels, width=pixels, steps=steps, guidance=7.5, scheduler="pndm",
+                    output_type="np", progress=False)
+
+    with torch.no_grad():
+        med = _interleaved({"minisd": minisd_run, "diffusers": diffusers_run}, torch.device(device), repeats)
+        diff = float(abs(minisd_run() - diffusers_run()).max())
+    ratio = med["minisd"]["wall"] / med["diffusers"]["wall"]
+    print(f"\ntext to image, end to end (max |diff| between the two images = {diff:.1e}):")
+    for side, m in med.items():
+        print(f"  {side:9s} {m['wall']:7.3f} s wall  {m['cpu']:7.3f} s CPU  {m['faults']:10,.0f} minor page faults")
+    print(f"  ratio minisd/diffusers {ratio:.2f} (wall), {med['minisd']['cpu'] / med['diffusers']['cpu']:.2f} (CPU time)")
+    return dict(loads=loads, end_to_end=med, ratio=ratio, max_diff=diff)
+
+
+COMPONENTS = {"unet": bench_unet, "pipeline": bench_pipeline}
 
 
 def main(argv=None):
