@@ -59,9 +59,10 @@ print("held out:", [data.caption(*c) for c in data.HELD_OUT[:3]], "...")
 # ## Two encoders, one space
 #
 # The text side is chapter 7's `CLIPTextEncoder` with `CLIPTextConfig.course()`: 4 layers, 64
-# wide, the real 49,408-token vocabulary. CLIP reads a caption's meaning at one position: the
-# first `<|endoftext|>`, the only token whose causal attention has seen the whole caption. A
-# linear map (`text_projection`) takes it to the shared space.
+# wide, one attention head of 64 (the head width of every OpenAI CLIP), and the real 49,408-token
+# vocabulary. CLIP reads a caption's meaning at one position: the first `<|endoftext|>`, the
+# only token whose causal attention has seen the whole caption. A linear map
+# (`text_projection`) takes it to the shared space.
 #
 # The image side is ours to choose. CLIP's paper tried ResNets and Vision Transformers on
 # $224 \times 224$ photos; for $32 \times 32$ shapes, three stride-2 convolutions (each
@@ -244,7 +245,7 @@ print("CLIP score, shuffled captions:", round(metrics.clip_score(u, v_wrong), 1)
 # ## Ours == transformers
 #
 # The course text encoder is an ordinary CLIP text model: its weights load into transformers'
-# `CLIPTextModel` (configured 64 wide, 4 layers, 4 heads) and give the same context, and the
+# `CLIPTextModel` (configured 64 wide, 4 layers, one 64-wide head) and give the same context, and the
 # loss equals transformers' own CLIP loss on the same logits.
 
 # %%

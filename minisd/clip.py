@@ -41,9 +41,11 @@ class CLIPTextConfig:
 
     @classmethod
     def course(cls):
-        """The course's text encoder: 4 layers, 64 wide. The real vocabulary makes the token
-        table 49408 x 64 (3.2M of its 3.4M parameters), so the width is what keeps the file small."""
-        return cls(width=64, layers=4, heads=4, mlp_width=256)
+        """The course's text encoder: 4 layers, 64 wide, one head of 64 (CLIP's head width, so
+        `weights.text_config_from_weights` reads the config back from the shapes). The real
+        vocabulary makes the token table 49408 x 64 (3.2M of its 3.4M parameters), so the width
+        is what keeps the file small."""
+        return cls(width=64, layers=4, heads=1, mlp_width=256)
 
     def to_json(self):
         return json.dumps(asdict(self))

@@ -206,6 +206,8 @@ def test_committed_course_clip():
         assert f.metadata()["command"].startswith("python -m minisd train clip")
     model = CLIP.course()
     assert model.config == CLIPConfig.course()
+    # one 64-wide head, so an original-layout round trip (config read off the shapes) is exact
+    assert weights.text_config_from_weights(model.text.state_dict()) == CLIPTextConfig.course()
     text = CLIPTextEncoder.course()
     assert not any(p.requires_grad for p in text.parameters())
     assert text(minisd.CLIPTokenizer.sd15()("a red circle in the top left")).shape == (1, 77, 64)
