@@ -103,3 +103,29 @@ def test_loading_a_mismatched_state_dict_names_key_and_shapes():
     sd.pop("decoder.conv_out.bias")
     with pytest.raises(weights.WeightsError, match="missing"):
         weights.load_vae(sd, VAEConfig.tiny())
+
+
+def test_train_command_writes_a_loadable_checkpoint_with_its_scaling_factor(tmp_path):
+    from minisd.train import main
+    out = tmp_path / "vae.safetensors"
+    assert main(["vae", "--steps", "3", "--disc-start", "2", "--out", str(out)]) == 0
+    vae = AutoencoderKL.course(out)
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["command"] == f"python -m minisd train vae --steps 3 --disc-start 2 --out {out}"
+    assert vae.scaling_factor == pytest.approx(float(meta["scaling_factor"]), rel=1e-4)
+    assert vae.config.block_out_channels == VAEConfig.course().block_out_channels
+
+
+def test_committed_course_vae_reconstructs_held_out_images():
+    from minisd import losses
+    from minisd.train import held_out_images
+    vae = AutoencoderKL.course()
+    x = held_out_images()
+    with torch.no_grad():
+        z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * vae.scaling_factor
+        rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+    assert z.shape[1:] == (4, 8, 8)
+    assert 0.9 <= z.std().item() <= 1.1                      # the seed's rescaling worked
+    assert losses.psnr(x, rec).mean().item() >= 28.0
