@@ -375,7 +375,7 @@ def encode_course_data(vae, text_encoder, tokenizer, n=8000, seed=0, batch_size=
     return latents, labels, contexts, prompts
 
 
-def train_unet_model(unet, latents, labels, contexts, prompts, steps=3000, batch_size=64, lr=1e-3,
+def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch_size=32, lr=4e-3,
                      drop=0.1, ema_decay=0.999, seed=0, progress=True):
     """SD's U-Net training loop (chapter 9) on precomputed latents; returns (unet, ema, log).
 
@@ -484,9 +484,9 @@ def cli_unet(argv):
                                 description="Train the course U-Net (chapter 9) on latents of the frozen course VAE, "
                                             "conditioned on the frozen course CLIP text encoder; write "
                                             "data/course_unet.safetensors and data/course_unet_log.json.")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--images", type=int, default=8000, help="size of the fixed pool of training images")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
