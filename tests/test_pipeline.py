@@ -155,6 +155,26 @@ def test_course_model_missing_checkpoint_names_the_command(monkeypatch, tmp_path
         StableDiffusion.course_model()
 
 
+def test_course_model_loads_the_three_course_checkpoints(monkeypatch, tmp_path):
+    """course_model() on random checkpoints written by the trainers' own save functions."""
+    from minisd.clip import CLIP, CLIPConfig
+    from minisd.train import course_unet_config, save_course_unet
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig.course())
+    weights.save_course_vae(minisd.AutoencoderKL(minisd.VAEConfig.course()), tmp_path / "course_vae.safetensors", {})
+    weights.save_course_clip(clip, tmp_path / "course_clip.safetensors", {})
+    unet = minisd.UNet(course_unet_config(clip.text.config.width))
+    save_course_unet(unet, tmp_path / "course_unet.safetensors", {})
+    (tmp_path / "bpe_simple_vocab_16e6.txt.gz").write_bytes((minisd.DATA_DIR / "bpe_simple_vocab_16e6.txt.gz").read_bytes())
+    monkeypatch.setattr(minisd, "DATA_DIR", tmp_path)
+    pipe = StableDiffusion.course_model()
+    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (25, 4.0, "ddim")
+    assert pipe.unet.config == unet.config
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), pipe.unet.state_dict().values()))
+    images = pipe(["a red circle in the top left"] * 2, seed=0, output_type="np", progress=False)
+    assert images.shape == (2, 32, 32, 3)
+
+
 # --- the terminal ---------------------------------------------------------------------------
 
 def test_generate_command_writes_a_png(tiny, tmp_path, capsys):
