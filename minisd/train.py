@@ -170,7 +170,7 @@ def cli_vae(argv):
                    help="torch CPU threads (default 1: on a 2-core machine shared with other work, 2 threads "
                         "ran a step of this small model ~10x slower than 1)")
     args = p.parse_args(argv)
-    command = "python -m minisd train vae " + " ".join(argv)
+    command = " ".join(["python -m minisd train vae", *argv])
     torch.set_num_threads(args.threads)
     if args.sweep:
         out = args.out or DATA_DIR / "vae_fc_sweep.json"
