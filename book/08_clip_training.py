@@ -113,7 +113,8 @@ print("loss by hand:", round(by_hand.item(), 4), "| losses.clip_loss:", round(lo
       "| ln 6 =", round(np.log(6), 4))
 
 # %% [markdown]
-# Untrained, the loss is near $\ln N$: every caption is as likely as any other. CLIP's loss
+# Untrained, the loss is about $\ln N$ or worse: no caption is favoured for the right reason,
+# and random cosines times a scale of 14 even favour wrong ones. CLIP's loss
 # assumes the $N$ captions of a batch are different (two identical captions would each be
 # counted wrong for the other's image), so the course trainer draws each batch from distinct
 # captions: 64 of the 81 training captions at a time.
@@ -151,8 +152,8 @@ def similarity_figure(clip, title):
 
 
 sim_before = similarity_figure(model, "untrained: cosine(image i, caption j)")
-print("diagonal mean", round(sim_before.diag().mean().item(), 3), "| off-diagonal mean",
-      round((sim_before.sum() - sim_before.diag().sum()).item() / 132, 3))
+print("diagonal mean", round(sim_before.diag().mean().item(), 2), "| off-diagonal mean",
+      round((sim_before.sum() - sim_before.diag().sum()).item() / 132, 2))
 
 # %% [markdown]
 # ## A short training run
@@ -160,17 +161,18 @@ print("diagonal mean", round(sim_before.diag().mean().item(), 3), "| off-diagona
 # `minisd.train.train_clip_model` is the whole loop: draw 64 distinct captions and one image of
 # each, compute the $64 \times 64$ logits, take an Adam step on the symmetric loss. The captions
 # use about 30 of the 49,408 token rows, so the token table gets a sparse gradient and
-# `SparseAdam`, which updates only those rows. Here, 40 steps of it:
+# `SparseAdam`, which updates only those rows. Here, 40 steps of it (`progress=True`, the
+# default, shows a tqdm bar with the running loss):
 
 # %%
-short, log = train_clip_model(steps=40, n_train=4000, log_every=5)
+short, log = train_clip_model(steps=40, n_train=4000, log_every=5, progress=False)
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(log["step"], log["loss"], marker="o")
 ax.axhline(np.log(64), color="grey", linestyle=":", label="ln 64 (chance)")
 ax.set(xlabel="step", ylabel="contrastive loss", title="40 steps of CLIP training")
 ax.legend()
 plt.show()
-print("loss:", [round(v, 3) for v in log["loss"]])
+print("loss every 5 steps:", [round(v, 2) for v in log["loss"]])
 
 # %% [markdown]
 # ## The course CLIP
@@ -192,8 +194,8 @@ print("learned scale e^t:", round(clip.scale().item(), 1))
 
 # %%
 sim_after = similarity_figure(clip, "trained: cosine(image i, caption j)")
-print("diagonal mean", round(sim_after.diag().mean().item(), 3), "| off-diagonal mean",
-      round((sim_after.sum() - sim_after.diag().sum()).item() / 132, 3))
+print("diagonal mean", round(sim_after.diag().mean().item(), 2), "| off-diagonal mean",
+      round((sim_after.sum() - sim_after.diag().sum()).item() / 132, 2))
 
 # %% [markdown]
 # The diagonal is bright and the rest is dark, but not uniformly: a red circle in the top left
