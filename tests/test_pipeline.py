@@ -254,4 +254,4 @@ def test_seed_gives_the_same_noise_on_cuda(tiny):
     gpu = StableDiffusion.from_pretrained(folder, device="cuda")
     a = cpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     b = gpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
-    assert np.abs(a - b).max() < 1e-3
+    assert np.abs(a - b).max() < 1e-2  # TF32 convolutions on the GPU; other noise would differ by ~0.3
