@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf _build
 .venv/bin/jupyter-book build . --all -W -n --keep-going
 echo
