@@ -35,7 +35,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 import minisd
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 
 # %%
 with torch.device("meta"):

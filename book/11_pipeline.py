@@ -46,7 +46,7 @@ import minisd
 from minisd import StableDiffusion
 from minisd.schedulers import make_scheduler
 
-torch.manual_seed(0);
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## The model
