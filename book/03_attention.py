@@ -27,7 +27,6 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import minisd
 from minisd.attention import (BasicTransformerBlock, CrossAttention, FeedForward, SelfAttention,

@@ -26,7 +26,6 @@ import matplotlib.pyplot as plt
 import torch
 
 import minisd
-from minisd.unet import CrossAttnDownBlock, CrossAttnMidBlock, CrossAttnUpBlock, DownBlock, UpBlock
 
 _ = torch.manual_seed(0)
 

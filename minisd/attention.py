@@ -4,7 +4,6 @@ BasicTransformerBlock, SpatialTransformer, and the VAE's SpatialSelfAttention.
 All attention goes through `F.scaled_dot_product_attention`, which never materialises the
 (B, heads, N, N) matrix.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 

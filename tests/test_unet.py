@@ -1,6 +1,5 @@
 """Chapter 4: the U-Net and its blocks equal diffusers' UNet2DConditionModel on the same weights."""
 import gc
-import json
 
 import pytest
 import torch
