@@ -228,7 +228,7 @@ def bench_pipeline(device, dtype, sizes, repeats, tiny=False, keep_memory=False)
             }
         for name, model in parts.items():
             model.load_state_dict(random_weights(model), assign=True)
-            model.save_pretrained(f"{tmp}/{name}")
+            model.save_pretrained(f"{tmp}/{name}", max_shard_size="1GB")  # shards: a lower peak while saving
         del parts
         spawn = multiprocessing.get_context("spawn")
         print("\ndiffusers folder -> U-Net, VAE and text encoder ready (fresh process each):")
