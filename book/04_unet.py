@@ -248,6 +248,14 @@ print(unet_key("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weig
 # | step at 4×32×32, wall time | 55.6 s | 70.2 s | 0.79 |
 # | step at 4×64×64, CPU time (median of 3) | 25.8 s | 25.6 s | **1.00** |
 # | step at 4×64×64, wall time | 140 s | 94 s | 1.49 (another job ran during ours) |
+# | *second run, 64×64 only:* step, CPU time | 22.3 s | 23.2 s | **0.96** |
+# | step, wall time | 33.8 s | 39.3 s | 0.86 |
+# | weight file → ready model | 0.76 s | 0.32 s | 2.40 |
+# | peak memory, load + one step | 3.85 GiB | 4.02 GiB | 0.96 |
+#
+# Sub-second load times swing from run to run on a busy machine (building the empty model on
+# the meta device takes about 0.35 s for minisd and 0.5 s for diffusers; the rest is reading
+# the file).
 #
 # A separate single-threaded run at 4×32×32 (so no thread waits for another) gave 5.0 s of
 # CPU per step for each, ratio 1.00. In short: the same speed as diffusers, less memory, and a
