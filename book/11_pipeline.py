@@ -259,3 +259,19 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 # PNDM steps at guidance 7.5: minisd's image equals diffusers' `StableDiffusionPipeline`
 # (measured max |diff| = 0 on these machines), and each of the five samplers matches diffusers
 # with that sampler.
+
+# %% [markdown]
+# ## Speed
+#
+# `python -m minisd benchmark --component pipeline` times text to image end to end, minisd and
+# diffusers on the very same random SD 1.5 tensors (256x256, 4 PNDM steps, guidance 7.5, float32,
+# interleaved runs, medians of 3). On this course's 2-core machines it measured:
+#
+# | | minisd | diffusers | ratio |
+# |---|---|---|---|
+# | text to image, end to end | 20.9 s | 28.0 s | 0.75 |
+# | folder -> parts ready (fresh process) | 3.6 s | 0.5 s | 6.6 |
+#
+# with the two images equal to 8.9e-07. Sampling is faster; loading is slower and is the next
+# thing to profile (in-process, loading a tiny folder takes 0.4 s, about half of it building the
+# tokenizer's 48,894 merges, so the SD 1.5 gap lies in reading and placing the 3.4 GB of tensors).
