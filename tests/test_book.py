@@ -29,3 +29,18 @@ def test_chapters_are_in_course_order():
     chapters = [f for f in _toc_files() if f.startswith("book/") and f[5:7].isdigit()]
     numbers = [int(f[5:7]) for f in chapters]
     assert numbers == sorted(numbers)
+
+
+def test_progress_bar_redraws_collapse_in_the_book():
+    import sys
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    from tidy_streams import tidy
+    cells = [{"cell_type": "code", "outputs": [
+        {"output_type": "stream", "name": "stderr", "text": ["\rtrain:  0%| 0/2"]},
+        {"output_type": "stream", "name": "stderr", "text": ["\rtrain: 50%| 1/2", "\rtrain: 100%| 2/2\n"]},
+        {"output_type": "stream", "name": "stdout", "text": ["a\r\n", "b\n"]},
+    ]}]
+    out = tidy(cells)[0]["outputs"]
+    assert [o["name"] for o in out] == ["stderr", "stdout"]
+    assert out[0]["text"] == "train: 100%| 2/2\n"
+    assert out[1]["text"] == "a\nb\n"
