@@ -109,13 +109,23 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _embedding(n, width):
+    """nn.Embedding(n, width) with its usual N(0, 1) init, except on the meta device (weights
+    about to be loaded), where nothing is drawn: normal_ on meta tensors is not a no-op in
+    torch (its first call imports torch._dynamo, seconds)."""
+    table = nn.Embedding(n, width, _weight=torch.empty(n, width))
+    if not table.weight.is_meta:
+        nn.init.normal_(table.weight)
+    return table
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token embedding + position embedding: (B, N) ids -> (B, N, width)."""
 
     def __init__(self, config):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.positions, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
+        self.position_embedding = _embedding(config.positions, config.width)
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding.weight[:ids.shape[1]]
