@@ -51,25 +51,15 @@ _ = torch.manual_seed(0)
 # %% [markdown]
 # ## The model
 #
-# The course's own model (chapters 6, 8 and 9 train its VAE, text encoder and U-Net on 32x32
-# images of coloured shapes) runs on any CPU in well under a second per image. Where its three
-# checkpoints are not in `data/` yet, this notebook uses a small *random* model with the same
-# structure instead: every number below is then still exact, but the images are noise.
+# The course's own model: the VAE of chapter 6, the text encoder of chapter 8 and the U-Net of
+# chapter 9, all trained on 32x32 images of coloured shapes with captions such as "a red circle
+# in the top left". `StableDiffusion.course_model()` reads its three checkpoints from `data/`;
+# it runs on any CPU in a second or so per image, with the defaults chapter 10 found best
+# (25 DDIM steps, guidance 4). Its latents are 4 x 8 x 8 (the course VAE downsamples by 4, not 8).
 
 # %%
-course_files = [minisd.DATA_DIR / name for name in minisd.pipeline.COURSE_FILES.values()]
-if all(f.exists() for f in course_files):
-    pipe = StableDiffusion.course_model()
-    prompt = "a red circle in the top left"
-    print("the course model, trained in chapters 6, 8 and 9")
-else:
-    print("NOTE: the course checkpoints are not in data/ yet (`python -m minisd train vae|clip|unet` makes them);")
-    print("      using a small random model with SD's structure: the images below are noise.")
-    unet = minisd.UNet(replace(minisd.UNetConfig.tiny(), sample_size=8))   # 8x8 latents
-    vae = minisd.AutoencoderKL(minisd.VAEConfig.course())                     # 32x32 images, f = 4
-    text_encoder = minisd.CLIPTextEncoder(minisd.CLIPTextConfig.tiny())
-    pipe = StableDiffusion(unet, vae, text_encoder, steps=25, guidance=4.0, scheduler="ddim")
-    prompt = "a red circle in the top left"
+pipe = StableDiffusion.course_model()
+prompt = "a red circle in the top left"
 print(pipe)
 
 # %% [markdown]
@@ -133,23 +123,68 @@ fig.suptitle(f"the sampler's guess of the clean image along the way: \"{prompt}\
 plt.show()
 
 # %% [markdown]
-# ## Seeds, batches, samplers, negative prompts
+# ## Prompts, seeds, batches, samplers
 #
-# `seed` fixes the starting noise, drawn on the CPU so the same seed gives the same image on
-# any device. A list of prompts runs as one batch; `negative_prompt` replaces the empty prompt
-# of guidance, so the image is pushed *away* from it.
+# A list of prompts runs as one batch. `seed` fixes the starting noise, drawn on the CPU so the
+# same seed gives the same image on any device; the model has learned colour, shape and
+# position from the captions, so each prompt changes what appears where.
 
 # %%
-prompts = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right"]
+prompts = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
+           "a yellow circle in the bottom left", "a magenta square in the top right", "a cyan triangle in the center"]
 images = pipe(prompts, seed=1, output_type="np", progress=False)
-samplers = {name: pipe(prompts[0], scheduler=name, seed=1, output_type="np", progress=False)[0]
-            for name in ["ddim", "pndm", "euler", "dpm++2m"]}
-fig, axes = plt.subplots(1, 7, figsize=(14, 2.4))
-for ax, im, title in zip(axes, [*images, *samplers.values()], [*prompts, *samplers]):
+print("batch:", images.shape)
+fig, axes = plt.subplots(1, 6, figsize=(13, 2.6))
+for ax, im, title in zip(axes, images, prompts):
     ax.imshow(im)
-    ax.set_title(title, fontsize=7)
+    ax.set_title(title.removeprefix("a "), fontsize=8)
     ax.axis("off")
+fig.suptitle("one batch, six prompts, seed 1")
 plt.show()
+
+# %% [markdown]
+# One seed with a batch of four draws four different starting noises, so the same prompt gives
+# four different pictures (the samplers of chapter 10 are all available too: `scheduler="pndm"`,
+# `"euler"`, `"dpm++2m"`...):
+
+# %%
+seeds = pipe([prompt] * 4, seed=7, output_type="np", progress=False)   # one seed: a batch of 4 different noises
+fig, axes = plt.subplots(1, 4, figsize=(7, 2.2))
+for i, (ax, im) in enumerate(zip(axes, seeds)):
+    ax.imshow(im)
+    ax.set_title(f"seed 7, image {i}", fontsize=8)
+    ax.axis("off")
+fig.suptitle(f'"{prompt}"')
+plt.show()
+
+# %% [markdown]
+# ## Negative prompts
+#
+# `negative_prompt` replaces the empty prompt $\varnothing$ in the guidance formula, so each step
+# is pushed towards the prompt *and away from* the negative one:
+# $\hat\epsilon = \epsilon_\theta(x_t, c_-) + s\,(\epsilon_\theta(x_t, c) - \epsilon_\theta(x_t, c_-))$.
+# Here the prompt names only a shape and a place and leaves the colour open; the negative prompt
+# rules one caption out.
+
+# %%
+open_prompt = "a circle in the center"
+negatives = ["", "a red circle in the center", "a blue circle in the center"]
+runs = [pipe([open_prompt] * 3, negative_prompt=neg, seed=4, output_type="np", progress=False) for neg in negatives]
+fig, axes = plt.subplots(3, 3, figsize=(5.5, 6))
+for row, (neg, ims) in enumerate(zip(negatives, runs)):
+    for col, im in enumerate(ims):
+        axes[row, col].imshow(im)
+        axes[row, col].axis("off")
+    axes[row, 1].set_title(f"negative: \"{neg}\"" if neg else "no negative prompt", fontsize=9)
+fig.suptitle(f'"{open_prompt}", seed 4')
+plt.show()
+
+# %% [markdown]
+# The model never saw a caption without a colour; given one, it drew reddish-magenta circles.
+# Ruling out "a red circle in the center" moved the pictures away from that whole caption (they
+# became squares, still reddish), and ruling out "a blue circle" turned them magenta. A negative
+# prompt is a direction in the guidance formula, pushing away from everything the caption encodes,
+# not a rule that forbids one word.
 
 # %% [markdown]
 # ## img2img
@@ -157,7 +192,8 @@ plt.show()
 # SDEdit (Meng et al., 2022): encode an existing image, noise it to a timestep part of the way up
 # the chain, and run only the rest of the loop. With `strength` $= 0.6$ and 25 steps, the first
 # 10 steps are skipped and the latent starts at the 11th timestep, noised accordingly. Low
-# strength keeps the picture; high strength keeps only its rough layout.
+# strength keeps the picture; high strength keeps only its rough layout. The start here is a
+# real image from the course data (`minisd.data.sample`), and the prompt asks for something else.
 
 # %%
 start, captions = minisd.data.sample(1, seed=3)
@@ -173,6 +209,72 @@ for ax, im, s in zip(axes[1:], edits, strengths):
 for ax in axes:
     ax.axis("off")
 plt.show()
+
+# %% [markdown]
+# ## Which words light up which pixels
+#
+# Every cross-attention layer of the U-Net (chapter 3) lets each latent pixel $i$ spread one unit
+# of attention over the 77 context tokens $j$:
+# $A_{ij} = \mathrm{softmax}_j\big(q_i \cdot k_j / \sqrt{d}\big)$, with $q = W_q x$ from the
+# image and $k = W_k c$ from the text. Column $j$ of $A$, laid back out as an image, shows where
+# word $j$ is read (Hertz et al., *Prompt-to-Prompt*, 2022, edit images by steering these maps).
+# The package's attention never builds $A$ (it calls `F.scaled_dot_product_attention`), so here
+# a forward hook captures each cross-attention layer's inputs and recomputes $A$ from the
+# layer's own `to_q` and `to_k`; the maps are averaged over heads, layers (upsampled to 8x8) and
+# all 25 steps, for the conditional half of the guidance batch.
+
+# %%
+import torch.nn.functional as F
+
+from minisd.attention import CrossAttention, SelfAttention
+
+maps = []
+
+
+def record(module, args, output):
+    x, context = args                                             # (2B, N, C), (2B, 77, width)
+    x, context = x[len(x) // 2:], context[len(context) // 2:]     # the conditional half
+    B, N, C = x.shape
+    q = module.to_q(x).view(B, N, module.heads, -1).transpose(1, 2)           # (B, heads, N, d)
+    k = module.to_k(context).view(B, 77, module.heads, -1).transpose(1, 2)    # (B, heads, 77, d)
+    A = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)   # (B, N, 77)
+    side = int(N ** 0.5)
+    A = A.transpose(1, 2).reshape(B, 77, side, side)              # (B, N, 77) -> (B, 77, h, w)
+    maps.append(F.interpolate(A, size=(size, size), mode="bilinear"))
+
+
+cross = [m for m in pipe.unet.modules() if type(m) is CrossAttention]   # attn2 of each block, not SelfAttention
+hooks = [m.register_forward_hook(record) for m in cross]
+attn_prompts = ["a red circle in the top left", "a blue triangle in the bottom right"]
+attn_images = pipe(attn_prompts, seed=2, output_type="np", progress=False)
+for h in hooks:
+    h.remove()
+A = torch.stack(maps).mean(0)                                     # (B, 77, 8, 8)
+print(f"{len(cross)} cross-attention layers x {pipe.steps} steps -> maps {tuple(A.shape)}")
+
+fig, axes = plt.subplots(len(attn_prompts), 9, figsize=(14, 3.4))
+for row, (p, im) in enumerate(zip(attn_prompts, attn_images)):
+    words = p.split()
+    assert pipe.tokenizer([p])[0, len(words) + 1] == 49407, "one token per word expected"
+    axes[row, 0].imshow(im)
+    axes[row, 0].set_title("image", fontsize=9)
+    for col, j in enumerate(range(len(words) + 1)):
+        label = words[j - 1] if j else "<start>"
+        axes[row, col + 1].imshow(A[row, j].numpy(), cmap="inferno")
+        axes[row, col + 1].set_title(label, fontsize=9)
+    for ax in axes[row]:
+        ax.axis("off")
+fig.suptitle("cross-attention per token (8x8 latent grid, averaged over heads, layers and steps)")
+plt.show()
+
+# %% [markdown]
+# This is a 1.8M-parameter U-Net working on an 8x8 grid, and its maps are coarse (each panel has
+# its own colour scale). Still, some words clearly point at the object: "circle" and "top" in the
+# first row and "triangle" in the second concentrate where the shape was drawn, while "<start>"
+# and "a" spread over the background. Other words ("left", "bottom") show no clean location:
+# position can also be carried by other tokens (CLIP's text encoder is causal, so each token's
+# vector also holds every word before it, and the padding tokens after the caption hold all of
+# it) and by the self-attention layers.
 
 # %% [markdown]
 # ## Real Stable Diffusion 1.5
@@ -211,7 +313,11 @@ else:
 # The same weights go into diffusers through the *original single-file layout*:
 # `minisd.weights.to_original` writes our model in the layout the released SD files use, and
 # diffusers' own converters (`convert_ldm_unet_checkpoint` and friends, what its
-# `from_single_file` runs) read it back. Same context, same starting noise, same sampler:
+# `from_single_file` runs) read it back. Same context, same starting noise, same sampler.
+#
+# diffusers cannot read the course model's checkpoints as they are, so this comparison uses a
+# small model with random weights and SD's structure (its images are noise, but every number
+# must still agree): a tiny U-Net with 8x8 latents, the course VAE's shape and a tiny CLIP.
 
 # %%
 import diffusers
@@ -219,17 +325,24 @@ import transformers
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
 
-original = minisd.weights.to_original(pipe)
-ref_unet = diffusers.UNet2DConditionModel(**pipe.unet.config.to_diffusers())
+_ = torch.manual_seed(0)
+random_pipe = StableDiffusion(minisd.UNet(replace(minisd.UNetConfig.tiny(), sample_size=8)),   # 8x8 latents
+                              minisd.AutoencoderKL(minisd.VAEConfig.course()),                  # 32x32 images
+                              minisd.CLIPTextEncoder(minisd.CLIPTextConfig.tiny()),
+                              steps=25, guidance=4.0, scheduler="ddim")
+print(random_pipe)
+ids = random_pipe.tokenizer([prompt, ""])
+original = minisd.weights.to_original(random_pipe)
+ref_unet = diffusers.UNet2DConditionModel(**random_pipe.unet.config.to_diffusers())
 ref_unet.load_state_dict(convert_ldm_unet_checkpoint(original, dict(ref_unet.config)))
-v = pipe.vae.config
+v = random_pipe.vae.config
 ref_vae = diffusers.AutoencoderKL(block_out_channels=list(v.block_out_channels), layers_per_block=v.layers_per_block,
                                   latent_channels=v.latent_channels, norm_num_groups=v.norm_groups,
                                   scaling_factor=v.scaling_factor,
                                   down_block_types=["DownEncoderBlock2D"] * len(v.block_out_channels),
                                   up_block_types=["UpDecoderBlock2D"] * len(v.block_out_channels))
 ref_vae.load_state_dict(convert_ldm_vae_checkpoint(original, dict(ref_vae.config)))
-c = pipe.text_encoder.config
+c = random_pipe.text_encoder.config
 ref_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
     vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width, num_hidden_layers=c.layers,
     num_attention_heads=c.heads, max_position_embeddings=c.positions, hidden_act="quick_gelu")).eval()
@@ -239,7 +352,7 @@ ref_text.load_state_dict({k.removeprefix("text_model."): v for k, v in convert_l
 
 with torch.no_grad():
     theirs_context = ref_text(ids)[0]
-print(f"text encoder: max |diff| = {(theirs_context - pipe.text_encoder(ids)).abs().max():.1e}")
+print(f"text encoder: max |diff| = {(theirs_context - random_pipe.text_encoder(ids)).abs().max():.1e}")
 
 ref = diffusers.StableDiffusionPipeline(vae=ref_vae, text_encoder=ref_text, tokenizer=None, unet=ref_unet,
                                         scheduler=diffusers.DDIMScheduler.from_config(dict(
@@ -250,7 +363,7 @@ ref.set_progress_bar_config(disable=True)
 theirs = ref(prompt_embeds=theirs_context[:1], negative_prompt_embeds=theirs_context[1:], latents=x_T,
              height=size * f, width=size * f, num_inference_steps=steps, guidance_scale=guidance,
              output_type="np").images
-ours = pipe(prompt, latents=x_T, scheduler="ddim", output_type="np", progress=False)
+ours = random_pipe(prompt, latents=x_T, scheduler="ddim", output_type="np", progress=False)
 print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).max():.1e}")
 
 # %% [markdown]
