@@ -318,9 +318,9 @@ else:
 # diffusers' own converters (`convert_ldm_unet_checkpoint` and friends, what its
 # `from_single_file` runs) read it back. Same context, same starting noise, same sampler.
 #
-# diffusers cannot read the course model's checkpoints as they are, so this comparison uses a
-# small model with random weights and SD's structure (its images are noise, but every number
-# must still agree): a tiny U-Net with 8x8 latents, the course VAE's shape and a tiny CLIP.
+# Agreement does not depend on what the weights learned, so this comparison uses a small model
+# with random weights and SD's structure (its images are noise, but every number must still
+# agree): a tiny U-Net with 8x8 latents, the course VAE's shape and a tiny CLIP.
 
 # %%
 import diffusers
