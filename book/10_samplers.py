@@ -383,6 +383,13 @@ for name in NAMES:
     print(f"{name:8s} mean |pixel - DDIM's| = {d:5.1f} / 255")
 
 # %% [markdown]
+# The circle and the triangle come out alike from all five. The blue square does not: the
+# ODE solvers DDIM, Euler and DPM-Solver++ agree, DDPM's fresh noise gives a slightly
+# different square, and PNDM turns it into a four-armed cross. The mean pixel differences
+# above hide this because most of each image is black background. "Steps vs quality" below
+# comes back to PNDM on this model.
+
+# %% [markdown]
 # ### The denoising trajectory on the course model
 #
 # The loop from the top of this chapter, written out with the pipeline's parts
@@ -499,10 +506,11 @@ plt.show()
 
 # %% [markdown]
 # DDIM holds up at 5 steps on this model, while PNDM, SD 1.5's default, falls well behind at
-# 5 and 10 steps and is still short of DDIM at 25. The toy showed PNDM as the most accurate
-# ODE solver at few steps, so the cause is the model rather than the maths: PNDM's
-# fourth-order blend of past $\epsilon$ predictions assumes they change smoothly from step to step,
-# and with large jumps and guidance 4 on a small U-Net they may not. This is why the course
+# 5 and 10 steps and is still short of DDIM at 25. On the toy, with an exact $\epsilon$, PNDM was
+# among the most accurate at few steps, so the trouble lies in how it meets this model. A
+# likely reason (our guess, not tested here): PNDM's fourth-order blend of past $\epsilon$
+# predictions assumes they change smoothly from step to step, and a small U-Net's guided
+# predictions, with large jumps between steps, may not. This is why the course
 # model's defaults are DDIM, 25 steps, guidance 4, not SD's PNDM, 50 steps, 7.5. (These are
 # 15 prompts with one seed each: one wrong image moves a score by 6.7 points.)
 #
