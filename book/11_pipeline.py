@@ -386,8 +386,11 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 # | | minisd | diffusers | ratio |
 # |---|---|---|---|
 # | text to image, end to end | 20.9 s | 28.0 s | 0.75 |
-# | folder -> parts ready (fresh process) | 3.6 s | 0.5 s | 6.6 |
+# | folder -> parts ready (fresh process) | 0.42-0.48 s | 0.32-0.62 s | about 1 |
 #
-# with the two images equal to 8.9e-07. Sampling is faster; loading is slower and is the next
-# thing to profile (in-process, loading a tiny folder takes 0.4 s, about half of it building the
-# tokenizer's 48,894 merges, so the SD 1.5 gap lies in reading and placing the 3.4 GB of tensors).
+# with the two images equal to 8.9e-07 (the end-to-end row was measured while the machine was
+# shared with other work, so take the ratio, not the seconds). Loading first measured 3.6 s, 6.6x
+# diffusers: a profile showed 7 s of it in `normal_` on the text encoder's 49,408 x 768 token table,
+# which, even on the meta device, sends torch through a slow path on its first call. minisd now
+# draws nothing when it builds a model that is about to receive weights, and the same SD 1.5
+# folder loads as fast as diffusers (two back-to-back runs each, one process per load).
