@@ -122,7 +122,7 @@ def _unet_inputs(context_dim, batch, size, device, dtype, seed=0):
     return x, ctx
 
 
-def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, keep_memory=False):
+def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, keep_memory=False, compile=False):
     """minisd.UNet vs diffusers' UNet2DConditionModel at SD 1.5 size (or the tiny config for
     a smoke run), on the same random weights."""
     from diffusers import UNet2DConditionModel
@@ -169,7 +169,30 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, keep_memory=F
         for side, m in med.items():
             print(f"  {side:9s} {m['wall']:7.3f} s wall  {m['cpu']:7.3f} s CPU  {m['faults']:10,.0f} minor page faults")
         print(f"  ratio minisd/diffusers {ratio:.2f} (wall), {cpu_ratio:.2f} (CPU time)")
+        if compile:
+            results[size]["compiled"] = _compiled_steps(ours, theirs, x, t, ctx, device, repeats, med)
     return dict(loads=loads, steps=results)
+
+
+def _compiled_steps(ours, theirs, x, t, ctx, device, repeats, eager):
+    """The same step through torch.compile (default mode) on both sides: the first call's
+    seconds (tracing and code generation) and the compiled medians next to the eager ones."""
+    device = torch.device(device)
+    compiled = {"minisd": torch.compile(ours), "diffusers": torch.compile(theirs)}
+    calls = {"minisd": lambda: compiled["minisd"](x, t, ctx),
+             "diffusers": lambda: compiled["diffusers"](x, t, encoder_hidden_states=ctx).sample}
+    first = {}
+    with torch.no_grad():
+        for side, call in calls.items():
+            first[side] = _timed_step(call, device)[0]
+        med = _interleaved(calls, device, repeats)
+    print("  torch.compile (default mode):")
+    for side, m in med.items():
+        print(f"  {side:9s} {m['wall']:7.3f} s wall compiled (first call {first[side]:5.1f} s), "
+              f"{eager[side]['wall'] / m['wall']:.2f}x its eager speed")
+    ratio = med["minisd"]["wall"] / med["diffusers"]["wall"]
+    print(f"  ratio minisd/diffusers compiled {ratio:.2f} (wall)")
+    return dict(medians=med, first_call=first, ratio=ratio)
 
 
 # --- the whole pipeline -------------------------------------------------------------------
@@ -292,6 +315,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="mallopt: malloc keeps freed buffers (whole process, so both sides); see keep_freed_memory")
+    parser.add_argument("--compile", action="store_true",
+                        help="U-Net only: also time both models through torch.compile")
     parser.add_argument("--tiny", action="store_true", help="the tiny config: a smoke run, not a benchmark")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -302,8 +327,11 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.keep_freed_memory and not keep_freed_memory():
         parser.error("--keep-freed-memory needs glibc (Linux)")
+    if args.compile and args.component != "unet":
+        parser.error("--compile is measured for --component unet only")
+    extra = dict(compile=True) if args.compile else {}
     result = COMPONENTS[args.component](args.device, args.dtype, sizes, args.repeats, tiny=args.tiny,
-                                        keep_memory=args.keep_freed_memory)
+                                        keep_memory=args.keep_freed_memory, **extra)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

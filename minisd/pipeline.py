@@ -55,10 +55,13 @@ class StableDiffusion:
         return weights.from_original(weights.load_state_dict(path, device), source=str(path), device=device, dtype=dtype)
 
     @classmethod
-    def course_model(cls, device="cpu"):
+    def course_model(cls, device="cpu", dtype=torch.float32):
         """The small model this course trains (32x32 coloured shapes), from the checkpoints in
         data/; runs on a CPU in well under a second per image. Its defaults: 25 DDIM steps at
-        guidance 4, the settings chapter 10 found best."""
+        guidance 4, the settings chapter 10 found best. `dtype` as in `from_pretrained` (the VAE
+        stays in float32 under float16)."""
+        device = torch.device(device)
+        _check_device_dtype(device, dtype)
         from . import DATA_DIR
         from .clip import CLIPTextEncoder
         from .vae import AutoencoderKL
@@ -67,9 +70,10 @@ class StableDiffusion:
                 raise FileNotFoundError(f"the course model needs {DATA_DIR / name}, which does not exist yet: "
                                         f"make it with `python -m minisd train {part}` (train vae, clip, unet "
                                         "in that order)")
-        vae = AutoencoderKL.course(DATA_DIR / COURSE_FILES["vae"]).to(device)
-        text_encoder = CLIPTextEncoder.course(DATA_DIR / COURSE_FILES["clip"]).to(device)
-        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).to(device)
+        vae = AutoencoderKL.course(DATA_DIR / COURSE_FILES["vae"]).to(
+            device, torch.float32 if dtype == torch.float16 else dtype)
+        text_encoder = CLIPTextEncoder.course(DATA_DIR / COURSE_FILES["clip"]).to(device, dtype)
+        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).to(device, dtype)
         return cls(unet, vae, text_encoder, steps=25, guidance=4.0, scheduler="ddim")
 
     @property
@@ -294,7 +298,7 @@ def main(argv=None):
         if args.weights:
             pipe = StableDiffusion.from_pretrained(args.weights, device=args.device, dtype=getattr(torch, args.dtype))
         else:
-            pipe = StableDiffusion.course_model(device=args.device)
+            pipe = StableDiffusion.course_model(device=args.device, dtype=getattr(torch, args.dtype))
         image = pipe(args.prompt, negative_prompt=args.negative, height=args.size, width=args.size,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)[0]
     except (FileNotFoundError, ValueError) as e:

@@ -124,6 +124,8 @@ def test_fp16_on_cpu_says_what_to_use(tiny):
     _, _, folder = tiny
     with pytest.raises(ValueError, match="float16 on the CPU.*float32.*cuda"):
         StableDiffusion.from_pretrained(folder, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 on the CPU.*float32.*cuda"):
+        StableDiffusion.course_model(dtype=torch.float16)
 
 
 def test_long_prompt_warns_truncates_and_runs(tiny):
