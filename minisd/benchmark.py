@@ -267,8 +267,8 @@ def bench_pipeline(device, dtype, sizes, repeats, tiny=False, keep_memory=False)
         unet = diffusers.UNet2DConditionModel.from_pretrained(f"{tmp}/unet", torch_dtype=dt).to(device).eval()
         vae = diffusers.AutoencoderKL.from_pretrained(f"{tmp}/vae", torch_dtype=dt).to(device).eval()
         text = transformers.CLIPTextModel.from_pretrained(f"{tmp}/text_encoder", torch_dtype=dt).to(device).eval()
-    if dt == torch.float16:
-        vae = vae.float()  # as minisd, which keeps SD's VAE in float32 (diffusers' force_upcast)
+    # under float16 diffusers keeps the VAE in float16 and upcasts it for each decode (force_upcast);
+    # minisd keeps its own copy in float32
     # ours holds the very same tensors, renamed: no second copy of the weights
     ours = weights.from_diffusers(unet.state_dict(), vae.state_dict(), text.state_dict(), unet_config, vae_config,
                                   text_config, device=device, dtype=dt)
