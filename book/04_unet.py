@@ -173,24 +173,27 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Any size that is a multiple of 8
+# ## Any size
 #
 # Convolutions and attention do not care about the image size, so the U-Net is not tied to
-# 64×64 latents. What it needs: three Downsamples halve the size three times, and on the way
-# up each Upsample must land exactly on the size of the skip tensor it is concatenated with.
-# That holds when height and width are multiples of $2^3 = 8$ (pixel sizes that are multiples
-# of 64 with SD's VAE). Other sizes raise an error that says so. (diffusers pads its way around
-# odd sizes by passing the target size to each Upsample; minisd keeps the rule visible.)
+# 64×64 latents. Three Downsamples halve the size three times; on the way up each Upsample
+# must land exactly on the size of the skip tensor it is concatenated with. For multiples of
+# $2^3 = 8$ (pixel sizes that are multiples of 64 with SD's VAE) doubling does that. For other
+# sizes a stride-2 convolution rounds up (65 → 33 → 17 → 9), and doubling 9 gives 18, not 17;
+# so, as in diffusers, each Upsample is told the size of the skip waiting for it and
+# interpolates to that. Any latent size works, so any pixel size that is a multiple of 8.
 
 # %%
 with torch.device("meta"):
-    for h, w in [(64, 64), (96, 64), (40, 120)]:
+    for h, w in [(64, 64), (96, 64), (40, 120), (65, 60)]:
         out = sd15(torch.randn(1, 4, h, w), 500, torch.randn(1, 77, 768))
         print(f"latent 4x{h}x{w} ({8 * h}x{8 * w} px) -> eps {tuple(out.shape[1:])}")
-
-# %% tags=["raises-exception"]
-with torch.device("meta"):
-    sd15(torch.randn(1, 4, 60, 64), 500, torch.randn(1, 77, 768))
+size, going_down = 65, [65]
+for _ in range(3):
+    size = (size + 1) // 2   # a 3x3, stride-2 convolution with padding 1
+    going_down.append(size)
+print("a side of 65 going down:", " -> ".join(map(str, going_down)),
+      "| going up, each Upsample lands on:", " -> ".join(map(str, going_down[::-1][1:])))
 
 # %% [markdown]
 # ## A real forward pass at a small size

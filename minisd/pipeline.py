@@ -126,16 +126,15 @@ class StableDiffusion:
         return prompts, negatives, steps, guidance, make_scheduler(scheduler)
 
     def _check_size(self, height, width):
-        """Pixels must halve cleanly through the VAE and every U-Net Downsample."""
+        """Pixels must divide cleanly by the VAE's factor (8 for SD); the U-Net takes any latent size."""
         height = self.unet.config.sample_size * self.vae.config.factor if height is None else height
         width = self.unet.config.sample_size * self.vae.config.factor if width is None else width
-        multiple = self.vae.config.factor * 2 ** (len(self.unet.config.block_channels) - 1)
+        multiple = self.vae.config.factor
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, int) or size <= 0 or size % multiple:
                 fixed = max(multiple, round(size / multiple) * multiple) if isinstance(size, (int, float)) else 512
-                raise ValueError(f"{name}={size!r} is not a positive multiple of {multiple}: the VAE divides the "
-                                 f"image by {self.vae.config.factor} and the U-Net halves the latents "
-                                 f"{len(self.unet.config.block_channels) - 1} times; use e.g. {name}={fixed}")
+                raise ValueError(f"{name}={size!r} is not a positive multiple of {multiple}: the VAE turns each "
+                                 f"{multiple}x{multiple} block of pixels into one latent; use e.g. {name}={fixed}")
         return height, width
 
     def _context(self, prompts, negatives, guidance):

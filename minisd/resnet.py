@@ -39,14 +39,19 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour interpolation, then a Conv3x3."""
+    """Double H and W: nearest-neighbour interpolation, then a Conv3x3.
+
+    `size` (H, W) instead sets the output size: the U-Net passes the size of the skip tensor
+    waiting above, which is 2H - 1 rather than 2H where a Downsample met an odd size."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class ResNetBlock(nn.Module):

@@ -201,7 +201,7 @@ class UpBlock(nn.Module):
         for resnet in self.resnets:
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C, H, W) + (B, C_skip, H, W)
         if self.upsample is not None:
-            x = self.upsample(x)
+            x = self.upsample(x, skips[-1].shape[-2:])  # up to the size of the next skip
         return x
 
 
@@ -218,13 +218,14 @@ class CrossAttnUpBlock(UpBlock):
         for resnet, attention in zip(self.resnets, self.attentions):
             x = attention(resnet(torch.cat([x, skips.pop()], dim=1), temb), context)
         if self.upsample is not None:
-            x = self.upsample(x)
+            x = self.upsample(x, skips[-1].shape[-2:])
         return x
 
 
 class UNet(nn.Module):
     """SD 1.x's U-Net: predicts the noise in latents (B, 4, H, W) at timestep t given a text
-    context (B, 77, 768). H and W must be multiples of 8 (2 ** number of Downsamples)."""
+    context (B, 77, 768). Any H and W: where a Downsample meets an odd size it rounds up, and
+    each Upsample then lands on the size of the skip it meets (as diffusers does)."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -296,13 +297,7 @@ class UNet(nn.Module):
         return load_unet(weights, UNetConfig.from_diffusers(folder / "config.json"))
 
     def forward(self, x, t, context):
-        B, _, H, W = x.shape
-        factor = 2 ** (len(self.config.block_channels) - 1)
-        if H % factor or W % factor:
-            raise ValueError(f"latent size {H}x{W} is not a multiple of {factor}: each of the U-Net's "
-                             f"{len(self.config.block_channels) - 1} Downsamples halves it and the decoder must "
-                             f"meet the same sizes going up; use e.g. {H // factor * factor or factor}x"
-                             f"{W // factor * factor or factor} (pixels: a multiple of {8 * factor} with the SD VAE)")
+        B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]

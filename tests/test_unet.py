@@ -142,14 +142,24 @@ def test_scalar_and_batch_timesteps_agree(tiny_pair):
         torch.testing.assert_close(ours(x, torch.tensor(250.0), ctx), ours(x, 250, ctx))
 
 
-def test_size_not_a_multiple_is_a_clear_error(tiny_pair):
-    ours, _ = tiny_pair
-    with pytest.raises(ValueError, match="not a multiple of 4"):
-        ours(torch.randn(1, 4, 10, 8), 1, torch.randn(1, 7, 32))
+@pytest.mark.parametrize("h,w", [(10, 8), (9, 13), (5, 6)])
+def test_sizes_that_do_not_halve_evenly_equal_diffusers(tiny_pair, h, w):
+    """The tiny U-Net halves twice: 9 -> 5 -> 3 going down, so each Upsample must land on 5 and 9
+    (not 6 and 10) going up; diffusers forwards the skip sizes to its Upsamples for this."""
+    ours, theirs = tiny_pair
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, h, w, generator=g), torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        a, b = ours(x, 250, ctx), theirs(x, 250, encoder_hidden_states=ctx).sample
+    assert a.shape == b.shape == x.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_sd15_takes_latents_of_any_size():
     with torch.device("meta"):
         sd15 = UNet(UNetConfig.sd15())
-    with pytest.raises(ValueError, match="multiple of 8"):
-        sd15(torch.randn(1, 4, 60, 64, device="meta"), 1, torch.randn(1, 77, 768, device="meta"))
+        out = sd15(torch.randn(1, 4, 65, 60), 1, torch.randn(1, 77, 768))   # 520x480 pixels
+    assert out.shape == (1, 4, 65, 60)
 
 
 def test_shape_errors_name_key_and_likely_cause(tiny_pair):
