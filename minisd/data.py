@@ -15,6 +15,11 @@ COLOURS = {
     "cyan": (0, 255, 255),
     "magenta": (255, 0, 255),
 }
+# Colours the data can draw but the course models never trained on (chapter 13 teaches one to
+# the U-Net with a LoRA). Not in COLOURS, so combinations() and every default draw are unchanged.
+NEW_COLOURS = {
+    "orange": (255, 128, 0),
+}
 SHAPES = ("circle", "square", "triangle")
 # where the shape's centre sits, as a fraction of the image (x, y), y pointing down
 POSITIONS = {
@@ -36,14 +41,21 @@ def caption(colour, shape, position):
     return f"a {colour} {shape} {position}"
 
 
-def parse(text):
-    """Inverse of `caption`: (colour, shape, position), or a ValueError naming the grammar."""
+def _rgb(colour):
+    """The RGB of a course colour or of a new one (NEW_COLOURS)."""
+    return COLOURS[colour] if colour in COLOURS else NEW_COLOURS[colour]
+
+
+def parse(text, new_colours=False):
+    """Inverse of `caption`: (colour, shape, position), or a ValueError naming the grammar.
+    With `new_colours=True` the colours of NEW_COLOURS (chapter 13) are accepted too."""
+    colours = {**COLOURS, **NEW_COLOURS} if new_colours else COLOURS
     words = text.split(" ", 3)
-    if len(words) == 4 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES \
+    if len(words) == 4 and words[0] == "a" and words[1] in colours and words[2] in SHAPES \
             and words[3] in POSITIONS:
         return words[1], words[2], words[3]
     raise ValueError(f"{text!r} is not a course caption: expected 'a {{colour}} {{shape}} {{position}}' "
-                     f"with colour in {list(COLOURS)}, shape in {list(SHAPES)}, position in {list(POSITIONS)}")
+                     f"with colour in {list(colours)}, shape in {list(SHAPES)}, position in {list(POSITIONS)}")
 
 
 def combinations():
@@ -61,6 +73,15 @@ def _held_out():
                 if (ci + 2 * si + 3 * pi) % 10 == 3:
                     out.append((c, s, p))
     return tuple(out)
+
+
+def concept_combinations(colour):
+    """The 3 x 5 = 15 (colour, shape, position) triples of one new colour (chapter 13's concept),
+    e.g. concept_combinations("orange"), in a fixed order."""
+    if colour not in NEW_COLOURS:
+        raise ValueError(f"{colour!r} is not a new colour: expected one of {list(NEW_COLOURS)} "
+                         f"(the course colours {list(COLOURS)} are in combinations())")
+    return [(colour, s, p) for s in SHAPES for p in POSITIONS]
 
 
 # combinations the course U-Net never sees in training, to measure generalisation
@@ -109,7 +130,7 @@ def _render(colour, shape, position, size, rng, xs, ys):
     mask = _shape_mask(shape, cx, cy, r, xs, ys).astype(np.float32)
     # (S*size, S*size) -> (size, S, size, S) -> mean over the S x S block: coverage in [0, 1]
     cover = mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
-    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    rgb = np.asarray(_rgb(colour), dtype=np.float32)
     return np.rint(cover[..., None] * rgb).astype(np.uint8)
 
 
@@ -118,7 +139,8 @@ def sample(n, seed=0, size=SIZE, exclude=(), only=None):
 
     Returns (uint8 array (n, size, size, 3), list of n captions). `exclude` removes
     (colour, shape, position) triples from the draw (e.g. `HELD_OUT` for training);
-    `only` restricts it to the given triples (e.g. `HELD_OUT` for testing).
+    `only` restricts it to the given triples (e.g. `HELD_OUT` for testing, or
+    `concept_combinations("orange")` for a colour of NEW_COLOURS, which only `only` can draw).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -128,7 +150,7 @@ def sample(n, seed=0, size=SIZE, exclude=(), only=None):
     if not pool:
         raise ValueError("no (colour, shape, position) combination is left to draw from")
     for colour, shape, position in pool:
-        if colour not in COLOURS or shape not in SHAPES or position not in POSITIONS:
+        if (colour not in COLOURS and colour not in NEW_COLOURS) or shape not in SHAPES or position not in POSITIONS:
             raise ValueError(f"unknown combination {(colour, shape, position)!r}")
     rng = np.random.default_rng(seed)
     xs, ys = _grid(size)

@@ -90,8 +90,9 @@ def fid(images_a, images_b, feature_fn, batch_size=64):
         clip = CLIPVisionModelWithProjection.from_pretrained("path/to/clip-vit-base-patch16").eval()
         score = fid(images_a, images_b, clip_image_features(clip))
 
-    For Inception-v3 FID weights, wrap the network the same way: a function from a batch of
-    images to its (B, 2048) pooled features.
+    With the Inception-v3 FID network as a local TorchScript file (`inception_features`):
+
+        score = fid(images_a, images_b, inception_features("path/to/inception-2015-12-05.pt"))
     """
     def features(images):
         if len(images) < 2:
@@ -130,6 +131,42 @@ def clip_image_features(model):
                                             align_corners=False).clamp(0, 1)
         x = ((x - mean) / std).contiguous()
         return model(pixel_values=x.to(param.device, param.dtype)).image_embeds
+
+    return feature_fn
+
+
+def inception_features(path, device="cpu"):
+    """A `feature_fn` for `fid` from a local Inception-v3 FID network in TorchScript: the file
+    `inception-2015-12-05.pt` of the StyleGAN2-ADA metrics (also what clean-fid loads), a direct
+    translation of the TensorFlow network the published FIDs use. Nothing is downloaded, and no
+    torchvision is needed. (pytorch-fid's `pt_inception-*.pth` is a state dict for a torchvision
+    model: load that model yourself and pass a function of it instead.)
+
+    The network resizes to 299x299 and normalises by itself; it takes (B, 3, H, W) images with
+    values 0..255, as StyleGAN2-ADA calls it: `net(images, return_features=True)` -> (B, 2048).
+    Here uint8 (B, H, W, 3) images or float (B, 3, H, W) in [0, 1] are turned into that.
+    """
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Inception-v3 TorchScript file at {path}: pass the path of a local "
+                                "inception-2015-12-05.pt (the StyleGAN2-ADA / clean-fid FID network)")
+    try:
+        net = torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a TorchScript file ({e.__class__.__name__}); inception_features "
+                         "takes the TorchScript inception-2015-12-05.pt, not a pickle (.pkl) or a state dict "
+                         "(.pth)") from e
+
+    def feature_fn(images):
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float()   # (B, H, W, 3) -> (B, 3, H, W), 0..255
+        else:
+            x = torch.as_tensor(images).float() * 255                  # (B, 3, H, W) in [0, 1] -> 0..255
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"inception_features takes uint8 (B, H, W, 3) or float (B, 3, H, W) images, "
+                             f"got shape {tuple(x.shape)}")
+        return net(x.to(device), return_features=True)
 
     return feature_fn
 
@@ -207,19 +244,26 @@ class Judge:
     - position: the brightness-weighted centroid of the foreground, nearest position centre;
     - shape: ShapeNet on a window around that centroid, trained on real course images by
       `train_judge`.
+
+    `colours` ({name: (r, g, b)}, default data.COLOURS) is the palette the colour vote chooses
+    from; chapter 13 judges its new colour with `Judge.load(colours={**data.COLOURS,
+    **data.NEW_COLOURS})`. ShapeNet is colour-blind, so only the colour vote changes.
     """
 
-    def __init__(self, net):
+    def __init__(self, net, colours=None):
         self.net = net.eval()
+        self.colours = dict(_data.COLOURS if colours is None else colours)
+        if not self.colours:
+            raise ValueError("the judge needs at least one colour to choose from")
 
     @classmethod
-    def load(cls, path=None):
+    def load(cls, path=None, colours=None):
         from safetensors.torch import load_file
         from . import DATA_DIR
         path = DATA_DIR / JUDGE_FILE if path is None else path
         net = ShapeNet()
         net.load_state_dict(load_file(str(path)))
-        return cls(net)
+        return cls(net, colours)
 
     def save(self, path):
         from safetensors.torch import save_file
@@ -232,7 +276,7 @@ class Judge:
             return []
         with torch.no_grad():
             shapes = self.net(_crops(light, centroids)).argmax(dim=1).tolist()
-        palette = np.array(list(_data.COLOURS.values()), dtype=np.float32) / 255      # (6, 3)
+        palette = np.array(list(self.colours.values()), dtype=np.float32) / 255       # (6, 3) by default
         centres = torch.tensor(list(_data.POSITIONS.values())) * torch.tensor(light.shape[2:0:-1])  # (5, 2) px
         out = []
         for i in range(len(rgb)):
@@ -243,14 +287,14 @@ class Judge:
             pix = rgb[i][mask].astype(np.float32)                                     # (P, 3)
             pix /= pix.max(axis=1, keepdims=True)
             votes = ((pix[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)        # (P,)
-            colour = list(_data.COLOURS)[np.bincount(votes, minlength=len(palette)).argmax()]
+            colour = list(self.colours)[np.bincount(votes, minlength=len(palette)).argmax()]
             position = list(_data.POSITIONS)[int(((centres - centroids[i]) ** 2).sum(1).argmin())]
             out.append((colour, _data.SHAPES[shapes[i]], position))
         return out
 
     def accuracy(self, images, captions):
         """Fraction right per attribute, and for all three at once, against course captions."""
-        truth = [_data.parse(c) for c in captions]
+        truth = [_data.parse(c, new_colours=True) for c in captions]
         if len(truth) != len(images):
             raise ValueError(f"{len(images)} images but {len(truth)} captions")
         guess = self(images)
