@@ -1,0 +1,454 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 12. Evaluation: FID and CLIP score
+#
+# How good is a text-to-image model? The seed notes name the two numbers everyone reports:
+# **FID** (Fréchet Inception Distance), which measures how *realistic* the images are as a
+# set, and **CLIP score**, which measures how well each image *matches its prompt*. Lower
+# FID is better; higher CLIP score is better.
+#
+# This chapter computes both for the course model, from scratch and with
+# `minisd.metrics`, and then asks what they can and cannot tell: how they move with the
+# guidance scale (the trade-off curve of the SD papers), with the sampler and its number of
+# steps, and with the number of images they are computed from. Next to both stands a third
+# measure only the course can have: the automatic **judge** (`minisd.metrics.Judge`), which
+# reads colour, shape and position off a course image, so we can check whether a generated
+# image shows what its caption says.
+#
+# One thing first, said plainly: published FIDs use the image features of **Inception-v3**
+# (an ImageNet classifier, 2048-d features of 299x299 images), and published CLIP scores use
+# an OpenAI **CLIP** (ViT-B/16 or ViT-L/14 on 224x224 images). Neither can be downloaded here,
+# and neither was made for 32x32 drawings of coloured shapes. This chapter uses the **course
+# CLIP** of chapter 8 for both. The numbers are therefore in the course's own units:
+# comparable with each other inside this chapter, not with any paper. The last sections show
+# how to plug in the real networks when you have them.
+
+# %%
+# %matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+import scipy.linalg
+import torch
+from tqdm import tqdm
+
+import minisd
+from minisd import data, metrics
+from minisd.clip import CLIP
+
+torch.manual_seed(0)
+pipe = minisd.StableDiffusion.course_model()
+clip = CLIP.course()
+judge = metrics.Judge.load()
+
+# the reference set: 400 real course images and their captions
+real, captions = data.sample(400, seed=100)
+# a second real set with the *same* 400 captions, drawn again (each shape lands with fresh jitter):
+# what a perfect model would produce for these prompts
+rng = np.random.default_rng(101)
+twin = np.stack([data.render(*data.parse(c), rng=rng) for c in captions])
+print("real:", real.shape, real.dtype, "| twin:", twin.shape, "| e.g.", captions[:2])
+
+
+def to_uint8(images):
+    """The pipeline's float images (N, H, W, 3) in [0, 1] -> uint8, as the judge and the metrics take them."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def generate(prompts, steps=10, guidance=4.0, scheduler="ddim"):
+    """The course model on a batch of prompts, seed 0: uint8 images (N, 32, 32, 3)."""
+    return to_uint8(pipe(prompts, steps=steps, guidance=guidance, scheduler=scheduler, seed=0,
+                         output_type="np", progress=False))
+
+
+# %% [markdown]
+# ## The course model's images
+#
+# The COCO protocol behind the FIDs in the SD papers: take the captions of a reference set of
+# real images, generate one image per caption, compare the two sets. We do the same with the
+# 400 real course images: one image per caption, 10 DDIM steps at guidance 4 (chapter 10
+# found 10 DDIM steps as good as 25 by the judge), all 400 in one batch.
+
+# %%
+gen = to_uint8(pipe(captions, steps=10, guidance=4.0, scheduler="ddim", seed=0, output_type="np"))
+print("generated:", gen.shape)
+fig, axes = plt.subplots(2, 8, figsize=(9, 2.6))
+for j in range(8):
+    for i, (images, label) in enumerate([(real, "real"), (gen, "model")]):
+        axes[i, j].imshow(images[j], interpolation="nearest")
+        axes[i, j].set(xticks=[], yticks=[])
+    axes[0, j].set_title(captions[j].replace(" in the ", "\n"), fontsize=6)
+axes[0, 0].set_ylabel("real")
+axes[1, 0].set_ylabel("course model")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## FID: the distance between two Gaussians
+#
+# FID (Heusel et al., 2017, "GANs trained by a two time-scale update rule converge to a local
+# Nash equilibrium") does not compare images one by one. It
+#
+# 1. passes every image through a fixed **feature network** and keeps one vector per image;
+# 2. fits a **Gaussian** to each set of vectors: a mean $\mu$ and a covariance $\Sigma$;
+# 3. returns the **Fréchet distance** (the 2-Wasserstein distance) between the two Gaussians:
+#
+# $$\mathrm{FID} = \lVert \mu_r - \mu_g \rVert^2 + \operatorname{tr}\left(\Sigma_r + \Sigma_g - 2\,(\Sigma_r \Sigma_g)^{1/2}\right).$$
+#
+# The first term says the sets differ on average; the second that they spread differently
+# (too little variety in the generated set is penalised, not only wrong content). FID is 0
+# when the two Gaussians are equal, and **lower is better**. Two caveats are built in: it
+# sees only what the feature network sees, and only the first two moments of it.
+#
+# Our feature network is the course CLIP's **image tower** (chapter 8): a 32x32 image in
+# $[-1, 1]$ to a 64-d embedding. We take the embedding *before* CLIP normalises it to unit
+# length, so that a difference in length between the two sets counts too.
+
+# %%
+def course_features(images):
+    """The feature network of this chapter: uint8 course images (N, 32, 32, 3) -> the course CLIP's
+    64-d image embedding before normalisation (N, 64)."""
+    return clip.image(data.to_tensor(images))
+
+
+with torch.no_grad():
+    f_real, f_twin, f_gen = course_features(real), course_features(twin), course_features(gen)
+print("features:", tuple(f_real.shape))
+
+# the formula, term by term (float64, scipy's matrix square root as in pytorch-fid)
+a, b = f_real.double().numpy(), f_gen.double().numpy()
+mu_a, mu_b = a.mean(0), b.mean(0)
+cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)      # (64, 64) each
+mean_term = ((mu_a - mu_b) ** 2).sum()
+cov_term = np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real)
+print(f"|mu_r - mu_g|^2 = {mean_term:.3f}   covariance term = {cov_term:.3f}   FID = {mean_term + cov_term:.3f}")
+print(f"metrics.frechet_distance:  {metrics.frechet_distance(f_real, f_gen):.3f}")
+print(f"metrics.fid(real, gen, ...): {metrics.fid(real, gen, course_features):.3f}")
+print(f"total variance tr(Sigma): real {np.trace(cov_a):.1f}, course model {np.trace(cov_b):.1f}")
+
+# %% [markdown]
+# `metrics.frechet_distance` computes the same number without scipy's general `sqrtm` (it
+# uses only symmetric eigendecompositions, which stay real and finite when a covariance is
+# singular, as it is with fewer images than feature dimensions); `metrics.fid` runs the
+# feature network over both image sets in batches and calls it.
+#
+# What the two Gaussians look like: the 64-d features projected on their first two principal
+# components, with each fitted Gaussian drawn as its 2-sigma ellipse.
+
+# %%
+centre = a.mean(0)
+_, _, vt = np.linalg.svd(np.concatenate([a, b]) - centre, full_matrices=False)
+P = vt[:2].T                                                          # (64, 2) projection
+fig, ax = plt.subplots(figsize=(5.5, 4.5))
+for feats, colour, label in [(a, "tab:blue", "real"), (b, "tab:orange", "course model")]:
+    xy = (feats - centre) @ P                                         # (N, 64) -> (N, 2)
+    ax.scatter(xy[:, 0], xy[:, 1], s=5, alpha=0.4, color=colour, label=label)
+    mu, cov = xy.mean(0), np.cov(xy, rowvar=False)
+    w, v = np.linalg.eigh(cov)
+    angle = np.linspace(0, 2 * np.pi, 100)
+    ellipse = mu[:, None] + 2 * (v * np.sqrt(w)) @ np.stack([np.cos(angle), np.sin(angle)])  # (2, 100)
+    ax.plot(ellipse[0], ellipse[1], color=colour, lw=2)
+ax.set(xlabel="principal component 1", ylabel="principal component 2",
+       title="course-CLIP features: real vs generated (2-sigma ellipses)")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The clusters are the 90 caption combinations, and the model's points sit in the same
+# clusters as the real ones: the means nearly agree (a mean term of 0.1). But the model's cloud
+# is wider along the first component, and its total variance $\operatorname{tr}(\Sigma)$ is
+# larger than the real set's: almost all of this FID is the covariance term. FID sums up how
+# far apart the two Gaussians are in all 64 dimensions, not just these two.
+#
+# ## CLIP score: does the image match its prompt?
+#
+# CLIP score (Hessel et al., 2021, "CLIPScore") embeds each image and its own caption with
+# CLIP and averages $\max(100 \cos(u_i, v_i), 0)$ over the pairs (`metrics.clip_score`,
+# chapter 8). **Higher is better**. It needs no reference images, only prompts, so it
+# measures prompt fidelity rather than realism. Here both towers are the course CLIP's. Two
+# references frame it: the score of *real* images with their captions (the best a set can
+# hope for under this CLIP) and of real images with *shuffled* captions (what unrelated
+# pairs get).
+
+# %%
+tok = pipe.tokenizer
+with torch.no_grad():
+    text = clip.encode_text(tok(captions))                            # (400, 64) unit vectors
+    img = {name: clip.encode_image(data.to_tensor(x)) for name, x in [("real", real), ("twin", twin), ("gen", gen)]}
+acc_real = judge.accuracy(real, captions)
+acc_gen = judge.accuracy(gen, captions)
+fid_floor = metrics.frechet_distance(f_real, f_twin)
+fid_gen = metrics.frechet_distance(f_real, f_gen)
+rows = [("real images (second draw)", fid_floor, metrics.clip_score(img["twin"], text), judge.accuracy(twin, captions)),
+        ("course model, DDIM 10, s=4", fid_gen, metrics.clip_score(img["gen"], text), acc_gen),
+        ("real images, shuffled captions", None, metrics.clip_score(img["real"], text.roll(1, 0)), None)]
+print("400 images each; FID against the 400 real images, judge: all three attributes right")
+print(f"{'':32s}{'FID':>7s}{'CLIP score':>12s}{'judge':>8s}")
+print(f"{'real images (the reference)':32s}{'0':>7s}{metrics.clip_score(img['real'], text):12.2f}{acc_real['all']:8.1%}")
+for name, f, cs, acc in rows:
+    print(f"{name:32s}" + (f"{f:7.2f}" if f is not None else f"{'-':>7s}") + f"{cs:12.2f}"
+          + (f"{acc['all']:8.1%}" if acc is not None else f"{'-':>8s}"))
+
+# %% [markdown]
+# The course model is close to real data by two of the measures: the judge finds every one
+# of its 400 images right, as it finds every real one, and its CLIP score is within one point
+# of the real images'. FID still separates it from real data: 4.7 against 0.16 for two real
+# sets with the same captions (the floor: what a perfect model would get with 400 images).
+# The judge cannot see this gap, because each image is right; FID sees that the generated
+# images, taken together, vary more than drawn ones do (the covariance term above).
+#
+# The course CLIP's scores sit near 100, far above the 35 or so of the real-model anchor at
+# the end of this chapter: it was trained on a closed world of 90 captions and turns a
+# matching pair into nearly the same direction, while a web-trained CLIP gives matching SD
+# images cosines near 0.35. Only differences between scores from one CLIP mean anything.
+#
+# ## The guidance scale: FID against CLIP score
+#
+# Classifier-free guidance (chapter 10) pushes each sample towards its prompt. The Stable
+# Diffusion v1 model cards plot FID against CLIP score (ViT-L/14) for each checkpoint, one
+# point per guidance scale $s$ = 1.5, 2, 3, ..., 8 with 50 PLMS steps on COCO 2017 validation
+# prompts; GLIDE (Nichol et al., 2021) and Imagen (Saharia et al., 2022) draw the same kind of
+# curve. More guidance raises the CLIP score, and past a small $s$ makes FID *worse*, because
+# the samples become exaggerated and less varied. The curve is how one chooses $s$. The same sweep on the course model: the first 100 captions,
+# the same seed, 10 DDIM steps, $s$ from 1 (the conditional model alone) to 8. FID is
+# computed against the 100 real images with the same captions.
+
+# %%
+N = 100
+SCALES = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
+sweep = {}
+for s in tqdm(SCALES, desc="guidance sweep"):
+    images = gen[:N] if s == 4.0 else generate(captions[:N], guidance=s)   # s = 4 is the run above
+    with torch.no_grad():
+        feats, emb = course_features(images), clip.encode_image(data.to_tensor(images))
+    sweep[s] = dict(fid=metrics.frechet_distance(f_real[:N], feats), clip=metrics.clip_score(emb, text[:N]),
+                    judge=judge.accuracy(images, captions[:N])["all"], images=images)
+floor_N = metrics.frechet_distance(f_real[:N], f_twin[:N])
+clip_real_N = metrics.clip_score(img["real"][:N], text[:N])
+acc_real_N = judge.accuracy(real[:N], captions[:N])["all"]
+print(f"{N} images each; judge on the {N} real images: {acc_real_N:.0%}; real-vs-real FID floor: {floor_N:.2f}; "
+      f"CLIP score of the real images: {clip_real_N:.2f}")
+for s in SCALES:
+    print(f"s = {s:3g}: FID {sweep[s]['fid']:5.2f}   CLIP score {sweep[s]['clip']:6.2f}   judge {sweep[s]['judge']:5.0%}")
+
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+ax.plot([sweep[s]["clip"] for s in SCALES], [sweep[s]["fid"] for s in SCALES], "o-")
+for s in SCALES:
+    ax.annotate(f"s={s:g}", (sweep[s]["clip"], sweep[s]["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+ax.axhline(floor_N, color="k", ls=":", label="real vs real (FID floor)")
+ax.axvline(clip_real_N, color="gray", ls="--", label="real images' CLIP score")
+ax.set(xlabel="CLIP score (course CLIP), higher is better", ylabel="FID (course CLIP features), lower is better",
+       title=f"guidance sweep, {N} images, DDIM 10 steps")
+ax.legend(fontsize=8)
+ax2.imshow(np.concatenate([np.concatenate([sweep[s]["images"][k] for s in SCALES], axis=1) for k in range(4)]),
+           interpolation="nearest")
+ax2.set(xticks=np.arange(len(SCALES)) * 32 + 16, xticklabels=[f"s={s:g}" for s in SCALES], yticks=[],
+        title="the same four prompts at each scale")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The course model draws the model cards' curve in miniature. From $s = 1$ to $s = 1.5$ both
+# numbers improve sharply: the conditional model alone gets some images wrong (the judge
+# agrees: 85 %), and a little guidance fixes them; at $s = 1.5$ FID is down at the
+# real-vs-real floor. Past that, more guidance keeps the judge at 100 % but moves FID steadily
+# up and, from $s = 2$, the CLIP score slowly down: the pictures show why, squares pinch into
+# stars and a halo grows, images no real drawing looks like. On SD the CLIP score keeps
+# rising over the whole range (its CLIP is far from saturated), so the papers' curve runs up
+# and to the right; here the course CLIP is at its ceiling by $s = 2$, so the upper arm bends
+# back to the left. Either way the lesson is the same: the best FID comes at a small guidance
+# scale, and the scale one picks for pictures (SD's 7.5, the course's 4) buys prompt fidelity
+# with realism. With 100 images per point, small differences in FID are within noise (see
+# below), so read the shape of the curve rather than any one step along it.
+#
+# ## Steps and sampler
+#
+# The same 100 prompts at guidance 4 with three samplers of chapter 10 at 5, 10 and 20 steps:
+# DDIM, DPM-Solver++ (2M) and PNDM, SD 1.5's default.
+
+# %%
+STEPS = [5, 10, 20]
+SAMPLERS = ["ddim", "dpm++2m", "pndm"]
+quality = {}
+for name in tqdm(SAMPLERS, desc="samplers"):
+    for n in STEPS:
+        images = gen[:N] if (name, n) == ("ddim", 10) else generate(captions[:N], steps=n, scheduler=name)
+        with torch.no_grad():
+            feats, emb = course_features(images), clip.encode_image(data.to_tensor(images))
+        quality[name, n] = dict(fid=metrics.frechet_distance(f_real[:N], feats),
+                                clip=metrics.clip_score(emb, text[:N]), judge=judge.accuracy(images, captions[:N])["all"])
+print(f"{N} images each, guidance 4; judge on the real images: {acc_real_N:.0%}, FID floor {floor_N:.2f}")
+for name in SAMPLERS:
+    print(f"{name:8s}" + "   ".join(f"{n:2d} steps: FID {quality[name, n]['fid']:5.2f} CLIP {quality[name, n]['clip']:5.1f} "
+                                    f"judge {quality[name, n]['judge']:4.0%}" for n in STEPS))
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+for key, ax, ref, label in [("fid", axes[0], floor_N, "FID (lower is better)"),
+                            ("clip", axes[1], clip_real_N, "CLIP score (higher is better)"),
+                            ("judge", axes[2], acc_real_N, "judge: all three right")]:
+    for name in SAMPLERS:
+        ax.plot(STEPS, [quality[name, n][key] for n in STEPS], "o-", label=name)
+    ax.axhline(ref, color="k", ls=":", label="real images")
+    ax.set(xlabel="steps", xticks=STEPS, title=label)
+axes[0].set_yscale("log")
+axes[2].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# All three measures tell chapter 10's story: on this model DDIM and DPM-Solver++ are done at
+# 10 steps by the judge and the CLIP score (DPM-Solver++ still misses some images at 5), while
+# PNDM, SD 1.5's default, is far behind at 5 and 10 steps and still behind at 20. The three
+# measures agree on the order of the samplers but not on the distances: where PNDM gets half
+# or more of its images wrong, FID grows six- to eighteen-fold and the CLIP score drops by
+# tens of points, while between two good settings FID still sees differences that the judge
+# cannot (every image already right): from 10 to 20 steps, DDIM's and DPM-Solver++'s FIDs
+# drop by about 15 %, while their CLIP scores rise by a fraction of a point.
+#
+# ## How many images? FID's bias at small N
+#
+# FID estimates $\mu$ and $\Sigma$ from N images. The estimate of $\Sigma$ is noisy, and the
+# noise does not average out: the trace of the matrix square root is biased, so the FID of
+# two *identical distributions* is not 0 but about $k/N$ (Chong & Forsyth, 2020, "Effectively
+# unbiased FID and Inception score and where to find them"). FID at N images is, roughly,
+#
+# $$\mathrm{FID}_N \approx \mathrm{FID}_\infty + \frac{k}{N},$$
+#
+# with a $k$ that depends on the model and the feature network. Two real sets, and the model
+# against real, at N = 50 to 400 (for N < 400, the mean and spread over 10 random subsets of
+# the same N captions):
+
+# %%
+SIZES = [50, 100, 200, 400]
+choice = np.random.default_rng(0)
+bias = {"real vs real": {}, "model vs real": {}}
+for n in SIZES:
+    subsets = [np.arange(400)] if n == 400 else [choice.choice(400, n, replace=False) for _ in range(10)]
+    bias["real vs real"][n] = [metrics.frechet_distance(f_real[i], f_twin[i]) for i in subsets]
+    bias["model vs real"][n] = [metrics.frechet_distance(f_real[i], f_gen[i]) for i in subsets]
+with torch.no_grad():   # a third real set, drawn with its own random captions
+    f_fresh = course_features(data.sample(400, seed=200)[0])
+fresh = {n: metrics.frechet_distance(f_real[:n], f_fresh[:n]) for n in SIZES}
+for name, runs in bias.items():
+    print(f"{name:14s}" + "  ".join(f"N={n}: {np.mean(r):5.2f} ± {np.std(r):4.2f}" for n, r in runs.items()))
+print(f"{'real vs real, other captions (first N):':42s}" + "  ".join(f"N={n}: {v:5.2f}" for n, v in fresh.items()))
+
+fig, ax = plt.subplots(figsize=(6, 4))
+fits = {}
+for name, runs in bias.items():
+    inv = np.array([1 / n for n in SIZES])
+    mean = np.array([np.mean(runs[n]) for n in SIZES])
+    ax.errorbar(inv, mean, yerr=[np.std(runs[n]) for n in SIZES], fmt="o", capsize=3, label=name)
+    fits[name] = np.polyfit(inv, mean, 1)                                # FID_N = k / N + FID_inf
+    grid = np.linspace(0, inv.max(), 20)
+    ax.plot(grid, np.polyval(fits[name], grid), ls="--", color=ax.lines[-1].get_color())
+    print(f"{name:14s} fit: FID_N = {fits[name][1]:.2f} + {fits[name][0]:.0f} / N")
+ax.set(xlabel="1 / N", ylabel="FID (course CLIP features)", title="FID against 1/N: the line's intercept is FID at N = infinity")
+ax.set_xticks([1 / n for n in SIZES], [f"1/{n}" for n in SIZES])
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Two real sets of the same captions get an FID of 1.3 at N = 50 and 0.16 at N = 400: all of
+# it is the small-N bias, halving each time N doubles, and the fitted line goes through
+# (nearly) 0 at $1/N = 0$ as it should. The model's points follow a line of about the same
+# slope, shifted up: the bias is about the same, and the intercept, $\mathrm{FID}_\infty
+# \approx 4.7$, is the model's real distance from the data. At N = 50 the spread over subsets
+# (more than 1) is as large as the bias itself. The sweeps above compare settings on the same
+# 100 captions and the same noise, which cancels much of this spread, but a gap of a few
+# tenths should still not be trusted.
+#
+# What FID over a few hundred images can tell:
+#
+# - which of two settings is better *when the gap is large* against the spread (PNDM at 5
+#   steps against DDIM at 10; $s = 1$ against $s = 2$);
+# - that a model is not yet at the real-vs-real floor *at the same N*.
+#
+# What it cannot:
+#
+# - be compared with an FID at another N, with another feature network, another image size or
+#   another reference set (the SD papers' numbers use 30,000 COCO images and Inception-v3:
+#   nothing here is on that scale);
+# - rank two settings whose FIDs differ by less than the spread over subsets;
+# - say *what* is wrong: the judge does that for the course data, and for real data one
+#   looks at the images.
+#
+# One more trap the course data makes visible, in the last printed line: a real set drawn
+# with its *own* random captions is about fifteen times further from the reference at N = 50
+# than the same captions re-drawn, because the two sets hold a different mix of captions. Generate from
+# the reference set's own captions, as the COCO protocol does, or the caption mix swamps the
+# pictures.
+#
+# ## The real-model anchor: SD 1.4 against SD 1.5
+#
+# The diffusers documentation ("Evaluating Diffusion Models") gives the one CLIP-score
+# comparison of real SD checkpoints that a reader can reproduce exactly: six prompts ("a
+# photo of an astronaut riding a horse on mars", "A high tech solarpunk utopia in the Amazon
+# rainforest", and four more), one image each with `torch.manual_seed(0)`, the pipelines'
+# defaults (512x512, 50 PNDM steps, guidance 7.5, float16 on a GPU), images turned into
+# uint8 by `(images * 255).astype("uint8")`, and torchmetrics' `clip_score` with
+# `openai/clip-vit-base-patch16` (CLIP ViT-B/16). It reports
+#
+# | checkpoint | CLIP score |
+# |---|---|
+# | SD 1.4 (`CompVis/stable-diffusion-v1-4`) | 34.91 |
+# | SD 1.5 (`stable-diffusion-v1-5/stable-diffusion-v1-5`) | 36.21 |
+#
+# Read it with this chapter in mind: the score is in ViT-B/16's units (not comparable with
+# the course CLIP's 97, nor with scores from the ViT-L/14 that SD's text encoder comes from),
+# it is a mean over six images (one image that fits its prompt better or worse moves it by a
+# sixth of the difference), and the docs themselves warn that so few prompts are not a real
+# evaluation. It is an anchor for checking
+# a setup, not a ranking of the two models. One detail matters for reproducing it: the docs
+# draw SD 1.5's noise from the *same* generator after SD 1.4's images, not from a fresh seed.
+#
+# `scripts/clip_score_anchor.py` runs that protocol for a reader who has the weights and the
+# CLIP model on disk (nothing is downloaded):
+#
+# ```
+# python scripts/clip_score_anchor.py --clip path/to/clip-vit-base-patch16 \
+#     --weights path/to/stable-diffusion-v1-4 path/to/stable-diffusion-v1-5 --device cuda --dtype float16
+# ```
+#
+# It generates with diffusers' pipeline by default (the protocol as written) or with
+# minisd's (`--pipeline minisd`, the same initial noise), and computes the score with
+# transformers' CLIP in `metrics.clip_score`'s form. Its tests run it end to end on tiny
+# random models in the same folder layouts.
+#
+# With real networks on disk, the metrics of this chapter take them as a `feature_fn`:
+# `metrics.clip_image_features(model)` for a transformers `CLIPVisionModelWithProjection`,
+# and `metrics.inception_features(path)` for the TorchScript Inception-v3 of the
+# StyleGAN2-ADA / clean-fid metrics (`inception-2015-12-05.pt`), which reproduces the
+# TensorFlow FID network without torchvision.
+#
+# ## Ours == the reference formula
+#
+# pytorch-fid and the original TensorFlow code of Heusel et al. compute the covariance term
+# with a general matrix square root of $\Sigma_r \Sigma_g$ (scipy's `sqrtm`). Ours on the same
+# features, at N = 400 and at N = 50, where both covariances (64-d features from 50 images)
+# are singular:
+
+# %%
+def sqrtm_reference(x, y):
+    """FID as pytorch-fid writes it: scipy.linalg.sqrtm of the product of the two covariances."""
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cx, cy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    return ((mu_x - mu_y) ** 2).sum() + np.trace(cx) + np.trace(cy) - 2 * np.trace(scipy.linalg.sqrtm(cx @ cy).real)
+
+
+for n in [400, 50]:
+    x, y = f_real[:n].double().numpy(), f_gen[:n].double().numpy()
+    ours, theirs = metrics.frechet_distance(x, y), sqrtm_reference(x, y)
+    print(f"N = {n:3d}: ours {ours:.6f}  scipy sqrtm {theirs:.6f}  |diff| = {abs(ours - theirs):.1e}")
