@@ -380,17 +380,35 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 # ## Speed
 #
 # `python -m minisd benchmark --component pipeline` times text to image end to end, minisd and
-# diffusers on the very same random SD 1.5 tensors (256x256, 4 PNDM steps, guidance 7.5, float32,
-# interleaved runs, medians of 3). On this course's 2-core machines it measured:
+# diffusers on the very same random SD 1.5 tensors, in interleaved runs (medians of 3); on a
+# CPU at 256x256 with 4 PNDM steps in float32, on a GPU at 512x512 with 30 steps in float16.
+# `--component unet` times one U-Net step (batch 2, as under guidance), and `--compile` adds
+# both models through `torch.compile`. Measured so far:
 #
-# | | minisd | diffusers | ratio |
-# |---|---|---|---|
-# | text to image, end to end | 20.9 s | 28.0 s | 0.75 |
-# | folder -> parts ready (fresh process) | 0.42-0.48 s | 0.32-0.62 s | about 1 |
+# | where | what | minisd | diffusers | ratio |
+# |---|---|---|---|---|
+# | CPU, 2 cores, 2 threads | text to image, end to end | 20.9 s | 28.0 s | 0.75 (wall) |
+# | CPU, 2 cores, 1 thread | text to image, end to end | 27.4 CPU-s | 28.0 CPU-s | 0.98 (CPU time) |
+# | CPU | folder -> parts ready (fresh process) | 0.42-1.37 s | 0.32-1.17 s | 0.9-1.2 |
+# | CPU | peak memory while loading | 4.88 GiB | 4.88 GiB | 1.00 |
+# | H200, fp16 | text to image, 512x512, 30 steps | 0.62 s | 0.87 s | 0.71 |
+# | H200, fp16 | one U-Net step, 64x64 latents, batch 2 | 19 ms | 26 ms | 0.75 |
+# | H200, fp16 | the same step through `torch.compile` | 14 ms | 15 ms | 0.95 |
+# | H200, fp16 | folder -> parts ready | 0.80 s | 0.87 s | 0.92 |
+# | H200, fp16 | peak GPU memory after loading | 2.18 GiB | 2.02 GiB | 1.08 |
 #
-# with the two images equal to 8.9e-07 (the end-to-end row was measured while the machine was
-# shared with other work, so take the ratio, not the seconds). Loading first measured 3.6 s, 6.6x
-# diffusers: a profile showed 7 s of it in `normal_` on the text encoder's 49,408 x 768 token table,
-# which, even on the meta device, sends torch through a slow path on its first call. minisd now
-# draws nothing when it builds a model that is about to receive weights, and the same SD 1.5
-# folder loads as fast as diffusers (two back-to-back runs each, one process per load).
+# The two images agree to 1e-6 in float32 and to 2.5e-3 in float16 (each library rounds its
+# own way). The CPU rows were measured while other work shared the 2-core machine, so the
+# wall-clock seconds vary by run (the 1-thread run is compared by CPU time for that reason) and
+# the load times spread over the range shown; take the ratios, not the seconds. On the GPU
+# `torch.compile` (default mode, about 42 s of compiling on the first call for each library)
+# makes minisd's step 1.37x faster and diffusers' 1.74x, and leaves them nearly equal; minisd's
+# eager lead is probably launch overhead (at 26 ms a step, Python and kernel launches weigh; we
+# have not profiled it), which compiling removes for both. minisd uses more GPU memory after loading because it keeps its VAE in
+# float32 for good, while diffusers keeps it in float16 and upcasts it for each decode
+# (`force_upcast`): the same float32 VAE exists in both during decoding.
+#
+# Loading first measured 3.6 s, 6.6x diffusers: a profile showed 7 s of it in `normal_` on the
+# text encoder's 49,408 x 768 token table, which, even on the meta device, sends torch through a
+# slow path on its first call. minisd now draws nothing when it builds a model that is about to
+# receive weights.
