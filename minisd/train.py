@@ -546,6 +546,568 @@ def _frozen_course_models():
 
 
 # --- LoRA (chapter 13) -------------------------------------------------------------------------
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def concept_prompts(concept):
+    """The 15 captions of a new colour (data.NEW_COLOURS), in data.concept_combinations' order."""
+    from . import data
+    return [data.caption(*c) for c in data.concept_combinations(concept)]
+
+
+def lora_judge(concept="orange"):
+    """The judge of chapter 13: the course judge with the palette data.COLOURS + the new colour,
+    used for the base model and the LoRA alike, on old prompts and new."""
+    from . import data
+    from .metrics import Judge
+    return Judge.load(colours={**data.COLOURS, concept: data.NEW_COLOURS[concept]})
+
+
+def encode_concept_data(vae, text_encoder, tokenizer, concept="orange", n_new=2000, n_old=4000, seed=0,
+                        batch_size=500):
+    """What the LoRA trains on, encoded once with the frozen VAE and text encoder (chapter 13).
+
+    n_new images of the new colour (all 15 of its combinations) and n_old course images (the
+    replay set: never a data.HELD_OUT combination), as scaled latents. Returns
+    (latents, labels, contexts, prompts, is_new): prompts = the 90 course captions, "" and the
+    15 new ones; labels (n_new + n_old,) index prompts/contexts; is_new (n,) bool.
+    """
+    import torch
+    from . import data
+    new_images, new_captions = data.sample(n_new, seed=seed + 13, only=data.concept_combinations(concept))
+    old_images, old_captions = data.sample(n_old, seed=seed + 14, exclude=data.HELD_OUT)
+    import numpy as np
+    images = np.concatenate([new_images, old_images])
+    captions = new_captions + old_captions
+    prompts = course_prompts() + concept_prompts(concept)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(data.to_tensor(images[i:i + batch_size])).mean
+                             for i in range(0, len(images), batch_size)]) * vae.scaling_factor
+        contexts = text_encoder(tokenizer(prompts))                       # (106, 77, D)
+    index = {p: i for i, p in enumerate(prompts)}
+    labels = torch.tensor([index[c] for c in captions])
+    is_new = torch.arange(len(captions)) < n_new
+    return latents, labels, contexts, prompts, is_new
+
+
+def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alpha=None, steps=400, batch_size=32,
+               lr=3e-3, seed=0, targets=LORA_TARGETS, only_cross=False, replay=0.5, drop=0.1, n_new=2000, n_old=4000,
+               progress=True, encoded=None):
+    """Teach the course U-Net a colour it never saw with a LoRA (chapter 13); returns (unet, log).
+
+    `unet` gets LoRALinear layers (rank, alpha) on the `targets` projections; everything
+    else is frozen, so only the LoRA factors train. Each step draws a batch of which a
+    fraction `replay` are old course images with their captions (so the old prompts are
+    not forgotten) and the rest images of the new colour, drops 10 % of the captions to ""
+    (as the base model trained, for guidance), and takes an AdamW step on SD's loss
+    ||eps - eps_theta(x_t, t, c)||^2. The learning rate warms up for 5 % of the steps and
+    decays along a cosine. `encoded` takes `encode_concept_data`'s output to skip encoding.
+    `log["loss"]` holds every step's loss.
+    """
+    import torch
+    from tqdm import tqdm
+    from . import lora
+    from .diffusion import drop_captions, training_loss
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"replay is the fraction of old images per batch, in [0, 1), got {replay}")
+    torch.manual_seed(seed)
+    latents, labels, contexts, prompts, is_new = encoded or encode_concept_data(
+        vae, text_encoder, tokenizer, concept, n_new, n_old, seed)
+    lora.inject(unet, rank, alpha, targets, only_cross=only_cross)
+    params = lora.trainable_parameters(unet)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}, "only the LoRA factors may train"
+    new_idx, old_idx = torch.nonzero(is_new).flatten(), torch.nonzero(~is_new).flatten()
+    n_old_batch = round(batch_size * replay)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    unet.train()
+    log = {"loss": []}
+    bar = tqdm(range(steps), desc=f"lora {concept} r{rank}", disable=not progress)
+    for step in bar:
+        pick = torch.cat([new_idx[torch.randint(len(new_idx), (batch_size - n_old_batch,), generator=g)],
+                          old_idx[torch.randint(len(old_idx), (n_old_batch,), generator=g)]])
+        captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
+        index = {p: i for i, p in enumerate(prompts)}
+        loss = training_loss(unet, latents[pick], contexts[[index[c] for c in captions]], generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        log["loss"].append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(log['loss'][-25:]) / len(log['loss'][-25:]):.4f}")
+    return unet.eval(), log
+
+
+def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="orange", new_seeds=tuple(range(6)),
+                  old_seeds=(0, 1), judge=None, n_real=1000):
+    """Judge a (LoRA or base) course U-Net on the new colour and on the old prompts (chapter 13).
+
+    Generates (DDIM, 25 steps, guidance 4, as chapter 9 judges) one image per combination
+    and seed: the 15 new combinations x `new_seeds`, the 90 course ones x `old_seeds`, and
+    lets `lora_judge(concept)` (palette: the course colours + the new one) read them. Also
+    the judge on n_real real images of each kind, the ceiling of what it can measure.
+    Returns {"new": acc, "old": acc, "judge_on_real_new": acc, "judge_on_real_old": acc,
+    "images_new": uint8, "captions_new": list}, each acc a dict colour/shape/position/all.
+    """
+    import torch
+    from . import data
+    judge = judge or lora_judge(concept)
+    prompts = course_prompts() + concept_prompts(concept)
+    with torch.no_grad():
+        contexts = text_encoder(tokenizer(prompts))
+    new, images_new, captions_new = judge_course_unet(unet, vae, contexts, prompts, judge,
+                                                      data.concept_combinations(concept), seeds=tuple(new_seeds))
+    old = judge_course_unet(unet, vae, contexts, prompts, judge, data.combinations(), seeds=tuple(old_seeds))[0]
+    real_new = judge.accuracy(*data.sample(n_real, seed=4321, only=data.concept_combinations(concept)))
+    real_old = judge.accuracy(*data.sample(n_real, seed=12345))
+    return {"new": new, "old": old, "judge_on_real_new": real_new, "judge_on_real_old": real_old,
+            "images_new": images_new, "captions_new": captions_new}
+
+
+
+# the course LoRA's recipe (`python -m minisd train lora` with no options; chapter 13)
+LORA_COURSE = {"steps": 600, "lr": 1e-2, "replay": 0.25, "targets": LORA_TARGETS, "only_cross": False}
+
+def _lora_size(unet_with_lora):
+    """(bytes of the LoRA file that lora.save writes for this U-Net, its LoRA parameters)."""
+    import os
+    import tempfile
+    from . import lora
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "lora.safetensors")
+        lora.save(unet_with_lora, path)
+        return os.path.getsize(path), lora.count_parameters(unet_with_lora)[0]
+
+
+def lora_rank_sweep(ranks, concept="orange", steps=300, seed=0, progress=True, **train_kwargs):
+    """Chapter 13's rank sweep: for each rank, a fresh course U-Net, `steps` LoRA steps, then
+    new-concept and old-prompt accuracy (fewer seeds than the main evaluation), parameters and
+    file size. Returns a list of dicts."""
+    import time
+    from .pipeline import _load_course_unet, COURSE_FILES
+    from . import DATA_DIR
+    vae, text_encoder, tokenizer = _frozen_course_models()
+    encoded = encode_concept_data(vae, text_encoder, tokenizer, concept, seed=seed)
+    rows = []
+    for rank in ranks:
+        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).requires_grad_(False)
+        c0 = time.process_time()
+        unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=seed,
+                             encoded=encoded, progress=progress, **train_kwargs)
+        cpu = time.process_time() - c0
+        ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=(0, 1, 2), old_seeds=(0,),
+                           n_real=0)
+        file_bytes, params = _lora_size(unet)
+        rows.append({"rank": rank, "params": params, "file_bytes": file_bytes,
+                     "new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
+                     "train_cpu_seconds": round(cpu, 1)})
+        if progress:
+            print(f"rank {rank:3d}: {params:7,d} parameters, {file_bytes:8,d} bytes, new {rows[-1]['new_accuracy']:.3f}, "
+                  f"old {rows[-1]['old_accuracy']:.3f}, {cpu:.0f} s CPU", flush=True)
+    return rows
+
+
+def cli_lora(argv):
+    """python -m minisd train lora --concept orange [...] | --weights PATH --images DIR [...]"""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m minisd train lora",
+        description="Train a LoRA (chapter 13). Course mode (default): teach the course U-Net a new colour "
+                    "(--concept, from minisd.data.NEW_COLOURS) and write data/course_lora_<concept>.safetensors "
+                    "and its _log.json. Real mode (--weights PATH --images DIR): fine-tune SD 1.x weights on a "
+                    "folder of captioned images (also under torchrun).")
+    p.add_argument("--concept", default="orange", help="course mode: the new colour to teach")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, update scale 1)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (course default 600, real default 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="course default 32, real default 1 per process")
+    p.add_argument("--lr", type=float, default=None, help="course default 1e-2, real default 1e-4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="the LoRA file (course default data/course_lora_<concept>.safetensors; "
+                   "real default OUTPUT_DIR/lora.safetensors)")
+    p.add_argument("--log", default=None, help="course mode: the log (default: OUT with _log.json)")
+    p.add_argument("--rank-sweep", default=None, help="course mode: comma-separated ranks, e.g. 1,2,4,8,16: "
+                   "also train one LoRA per rank (--sweep-steps steps each) and log accuracy vs rank vs file size")
+    p.add_argument("--sweep-steps", type=int, default=300)
+    real = p.add_argument_group("real SD 1.x mode")
+    real.add_argument("--weights", default=None, help="SD 1.x weights: a diffusers folder or one .safetensors/.ckpt")
+    real.add_argument("--images", default=None, help="folder of images (.png/.jpg/.jpeg/.webp), each with a "
+                      "caption in <name>.txt beside it, or all captions in DIR/metadata.jsonl "
+                      "({\"file_name\": ..., \"text\": ...} per line)")
+    real.add_argument("--resolution", type=int, default=512, help="images are resized and centre-cropped to this")
+    real.add_argument("--output-dir", default="lora-output", help="where checkpoints, the log and the LoRA go")
+    real.add_argument("--train-text-encoder", action="store_true", help="also put LoRAs on the text encoder")
+    real.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps")
+    real.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    real.add_argument("--max-steps-this-run", type=int, default=None,
+                      help="stop (after checkpointing) once this many steps have run in this process")
+    real.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; under torchrun, "
+                      "cuda:LOCAL_RANK)")
+    real.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                      help="autocast dtype on CUDA (default fp16 with a GradScaler; always 'no' on CPU)")
+    real.add_argument("--targets", default=",".join(LORA_TARGETS), help="U-Net layer names to wrap")
+    args = p.parse_args(argv)
+    if args.weights is not None or args.images is not None:
+        return _cli_lora_real(args, argv)
+    return _cli_lora_course(args, argv)
+
+
+def _cli_lora_course(args, argv):
+    import json
+    import time
+    from pathlib import Path
+    import torch
+    from . import DATA_DIR, data, lora
+    from .pipeline import COURSE_FILES, _load_course_unet
+    if args.concept not in data.NEW_COLOURS:
+        raise SystemExit(f"--concept {args.concept!r} is not a colour the course data can draw but the base model "
+                         f"never saw: choose one of {list(data.NEW_COLOURS)}")
+    command = "python -m minisd train lora " + " ".join(argv)
+    torch.set_num_threads(args.threads)
+    steps, batch_size, lr = args.steps or LORA_COURSE["steps"], args.batch_size or 32, args.lr or LORA_COURSE["lr"]
+    out = Path(args.out) if args.out else DATA_DIR / f"course_lora_{args.concept}.safetensors"
+    log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
+    unet_path = DATA_DIR / COURSE_FILES["unet"]
+    vae, text_encoder, tokenizer = _frozen_course_models()
+    base = _load_course_unet(unet_path).requires_grad_(False)
+    judge = lora_judge(args.concept)
+    print("judging the base model ...", flush=True)
+    before = evaluate_lora(base, vae, text_encoder, tokenizer, args.concept, judge=judge)
+    unet = _load_course_unet(unet_path)
+    t0, c0 = time.time(), time.process_time()
+    unet, log = train_lora(unet, vae, text_encoder, tokenizer, args.concept, rank=args.rank, alpha=args.alpha,
+                           steps=steps, batch_size=batch_size, lr=lr, seed=args.seed,
+                           targets=LORA_COURSE["targets"], only_cross=LORA_COURSE["only_cross"],
+                           replay=LORA_COURSE["replay"])
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    lora.save(unet, out)
+    # evaluate what was written: the file loaded into a fresh copy of the base model
+    shipped = lora.load(_load_course_unet(unet_path), out).eval()
+    after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
+    as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
+    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "judge_palette": list(judge.colours),
+                  "new_prompts": f"the 15 {args.concept} combinations x 6 seeds",
+                  "old_prompts": "the 90 course combinations x 2 seeds",
+                  "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},
+                  "lora": {"new": as_float(after["new"]), "old": as_float(after["old"])},
+                  "judge_on_real": {"new": as_float(after["judge_on_real_new"]),
+                                    "old": as_float(after["judge_on_real_old"])}}
+    n_lora, n_unet = lora.count_parameters(unet)
+    sizes = {"lora_bytes": out.stat().st_size, "unet_bytes": unet_path.stat().st_size,
+             "lora_parameters": n_lora, "unet_parameters": n_unet}
+    sizes["ratio"] = round(sizes["lora_bytes"] / sizes["unet_bytes"], 5)
+    record = {"command": command, "concept": args.concept, "rgb": list(data.NEW_COLOURS[args.concept]),
+              "rank": args.rank, "alpha": args.alpha if args.alpha is not None else float(args.rank),
+              "targets": list(LORA_COURSE["targets"]), "only_cross": LORA_COURSE["only_cross"],
+              "replay": LORA_COURSE["replay"], "steps": steps, "batch_size": batch_size, "lr": lr,
+              "seed": args.seed, "threads": args.threads, "train_cpu_seconds": round(cpu, 1),
+              "train_wall_seconds": round(wall, 1), "evaluation": evaluation, "sizes": sizes,
+              "loss": [round(v, 5) for v in log["loss"]]}
+    if args.rank_sweep:
+        ranks = [int(r) for r in args.rank_sweep.split(",")]
+        record["rank_sweep_steps"] = args.sweep_steps
+        record["rank_sweep_note"] = (f"each rank trained {args.sweep_steps} steps (the main LoRA: {steps}), "
+                                     "judged on 15 new combinations x 3 seeds and 90 old x 1 seed")
+        record["rank_sweep"] = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed,
+                                               batch_size=batch_size, lr=lr, targets=LORA_COURSE["targets"],
+                                               only_cross=LORA_COURSE["only_cross"], replay=LORA_COURSE["replay"])
+    log_path.write_text(json.dumps(record, indent=1))
+    print(json.dumps(evaluation, indent=1))
+    print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {out} "
+          f"({sizes['lora_bytes']:,d} bytes, {100 * sizes['ratio']:.2f} % of the U-Net's file) and {log_path}")
+    return 0
+
+
+# --- LoRA on real SD 1.x weights and a folder of images (chapter 13) -----------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def caption_folder(folder):
+    """[(image path, caption)] of a training folder, sorted by file name.
+
+    Captions come from DIR/metadata.jsonl if it exists (one JSON object per line with
+    "file_name" and "text", as diffusers' / Hugging Face's imagefolder reads them), else from
+    a <name>.txt beside each image (kohya's layout). Errors say what is missing.
+    """
+    import json
+    from pathlib import Path
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder; pass a folder of images with a caption "
+                                "in <name>.txt beside each one (or a metadata.jsonl)")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"--images {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+    meta = folder / "metadata.jsonl"
+    if meta.exists():
+        captions = {}
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if "file_name" not in row or "text" not in row:
+                    raise ValueError(f"{meta}, line {n}: expected {{\"file_name\": ..., \"text\": ...}}, got {line!r}")
+                captions[row["file_name"]] = row["text"]
+        missing = [p.name for p in images if p.name not in captions]
+        if missing:
+            raise ValueError(f"{meta} has no caption for {missing[0]} ({len(missing)} images without one)")
+        return [(p, captions[p.name]) for p in images]
+    out = []
+    for p in images:
+        txt = p.with_suffix(".txt")
+        if not txt.exists():
+            raise FileNotFoundError(f"{p} has no caption: write it to {txt.name} in the same folder "
+                                    "(or put all captions in metadata.jsonl)")
+        out.append((p, txt.read_text().strip()))
+    return out
+
+
+def load_training_image(path, resolution):
+    """An image file -> float tensor (3, resolution, resolution) in [-1, 1]: RGB, the shorter side
+    resized to `resolution` (bicubic), then the centre square cropped (as SD's fine-tuning scripts do)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        from . import data
+        return data.to_tensor(np.array(im)[None])[0]
+
+
+class _LoRAModel(__import__("torch").nn.Module):
+    """The U-Net (and optionally the text encoder) in one module, so that one
+    DistributedDataParallel wrapper averages all LoRA gradients."""
+
+    def __init__(self, unet, text_encoder, train_text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text_encoder = unet, text_encoder, train_text_encoder
+
+    def forward(self, x_t, t, ids):
+        import torch
+        if self.train_text_encoder:
+            context = self.text_encoder(ids)
+        else:
+            with torch.no_grad():
+                context = self.text_encoder(ids)
+        return self.unet(x_t, t, context)
+
+
+def _dist_env():
+    """(rank, world size, local rank) from torchrun's environment variables (0, 1, 0 without)."""
+    import os
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, steps=1000, batch_size=1, lr=1e-4,
+                      seed=0, resolution=512, targets=LORA_TARGETS, train_text_encoder=False, save_every=100,
+                      resume=False, max_steps_this_run=None, device=None, mixed_precision=None, out=None,
+                      progress=True, command=""):
+    """Fine-tune a LoRA on real SD 1.x weights and a folder of captioned images (chapter 13).
+
+    The VAE and the text encoder are frozen (the text encoder gets LoRAs too with
+    `train_text_encoder`); only the LoRA factors train, with AdamW and SD's noise-prediction
+    loss. Under torchrun (WORLD_SIZE > 1) every process takes its share of each epoch
+    (DistributedSampler), DistributedDataParallel averages the gradients (gloo on CPU, nccl on
+    CUDA), and only rank 0 shows progress and writes files. `batch_size` is per process.
+
+    Every `save_every` steps (and at the end of a run) rank 0 writes
+    OUTPUT_DIR/checkpoint.pt: LoRA weights, optimizer, scheduler, grad scaler, step and RNG
+    states. `resume=True` continues from it; the noise and timesteps of step s on rank r come
+    from a generator seeded with (seed, s, r), and the data order of each epoch from
+    (seed, epoch), so a resumed run takes exactly the steps the uninterrupted one would have.
+    `max_steps_this_run` stops early (a planned interruption). Returns (unet, text_encoder, log);
+    the final LoRA goes to `out` (default OUTPUT_DIR/lora.safetensors) with lora.save.
+    """
+    import os
+    import random
+    import time
+    from pathlib import Path
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from . import lora
+    from .diffusion import NoiseSchedule, add_noise
+    from .pipeline import StableDiffusion
+
+    rank_id, world, local_rank = _dist_env()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if mixed_precision is None:
+        mixed_precision = "fp16" if device.type == "cuda" else "no"
+    if mixed_precision != "no" and device.type != "cuda":
+        raise ValueError(f"--mixed-precision {mixed_precision} needs a CUDA device; on {device} use 'no'")
+    amp_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    items = caption_folder(images_dir)                        # errors before any weights are read
+    if not Path(weights_path).exists():
+        raise FileNotFoundError(f"--weights {weights_path}: no such file or folder; pass a diffusers SD 1.x folder "
+                                "or one SD 1.x .safetensors/.ckpt file")
+    output_dir = Path(output_dir)
+    ckpt_path = output_dir / "checkpoint.pt"
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: there is no checkpoint at {ckpt_path} (checkpoints are written every "
+                                "--save-every steps into --output-dir); run without --resume to start afresh")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank_id, world_size=world)
+    main = rank_id == 0
+    # base weights in the autocast dtype (the VAE stays float32); LoRA factors in float32
+    pipe = StableDiffusion.from_pretrained(weights_path, device=device, dtype=amp_dtype)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    factor = vae.config.factor * 2 ** (len(unet.config.block_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for these weights")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    torch.manual_seed(seed)                                   # the LoRA factors' initialisation
+    lora.inject(unet, rank, alpha, tuple(targets))
+    if train_text_encoder:
+        lora.inject(text_encoder, rank, alpha, ("q_proj", "k_proj", "v_proj", "out_proj"))
+    params = lora.trainable_parameters(unet) + (lora.trainable_parameters(text_encoder) if train_text_encoder else [])
+    for p in params:
+        p.data = p.data.float()
+    frozen_trainable = [n for n, p in [*unet.named_parameters(), *text_encoder.named_parameters(),
+                                       *vae.named_parameters()] if p.requires_grad and not any(p is q for q in params)]
+    assert not frozen_trainable, f"only LoRA factors may train, but {frozen_trainable[:3]} require grad"
+    model = _LoRAModel(unet, text_encoder, train_text_encoder).to(device)
+    model.train()
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1.0))   # warm-up, then constant
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision == "fp16")
+    meta = {"weights": str(weights_path), "rank": rank, "alpha": alpha, "targets": list(targets),
+            "train_text_encoder": train_text_encoder, "steps": steps, "world_size": world, "batch_size": batch_size,
+            "resolution": resolution, "seed": seed}
+    start, log = 0, {"loss": []}
+    if resume:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for k in ("rank", "targets", "train_text_encoder", "world_size", "batch_size", "resolution", "seed"):
+            if ck["meta"][k] != meta[k]:
+                raise ValueError(f"{ckpt_path} was made with {k}={ck['meta'][k]!r}, this run has {k}={meta[k]!r}: "
+                                 "resume with the same settings, or use another --output-dir")
+        if len(ck["lora"]) != len(params) or any(a.shape != p.shape for a, p in zip(ck["lora"], params)):
+            raise ValueError(f"{ckpt_path} holds LoRA factors that do not fit these weights ({weights_path}): "
+                             "it was made for another model")
+        with torch.no_grad():
+            for p, saved in zip(params, ck["lora"]):
+                p.copy_(saved)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        start, log = ck["step"], ck["log"]
+
+    def checkpoint(step):
+        if not main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        state = {"meta": meta, "step": step, "lora": [p.detach().cpu().clone() for p in params],
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                 "log": log}
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)   # a kill while writing leaves the previous checkpoint whole
+
+    sampler = torch.utils.data.DistributedSampler(range(len(items)), num_replicas=world, rank=rank_id, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(items)} images are too few for {world} process(es) x batch size {batch_size}")
+    schedule = NoiseSchedule.sd15()
+    scaling = vae.scaling_factor
+    stop = steps if max_steps_this_run is None else min(steps, start + max_steps_this_run)
+    bar = tqdm(range(start, stop), initial=start, total=steps, desc="lora", disable=not (progress and main))
+    t0, c0 = time.time(), time.process_time()
+    step = start
+    for step in range(start, stop):
+        epoch, k = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        pick = list(sampler)[k * batch_size:(k + 1) * batch_size]
+        pixels = torch.stack([load_training_image(items[i][0], resolution) for i in pick]).to(device)
+        ids = tokenizer([items[i][1] for i in pick]).to(device)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank_id)
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.dtype if hasattr(vae, "dtype") else torch.float32)).sample(g)
+            latents = (latents * scaling).float()
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        t = torch.randint(0, schedule.num_train_timesteps, (len(pick),), generator=g).to(device)
+        x_t = add_noise(latents, noise, t, schedule)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=mixed_precision != "no"):
+            eps = ddp(x_t.to(amp_dtype), t, ids)
+        loss = torch.nn.functional.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        value = loss.detach()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        log["loss"].append(round(value.item(), 6))
+        bar.update(1)
+        bar.set_postfix(loss=f"{value.item():.4f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            checkpoint(step + 1)
+    bar.close()
+    done = stop
+    checkpoint(done)
+    if main and done == steps:
+        out = Path(out) if out else output_dir / "lora.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lora.save(pipe if train_text_encoder else unet, out)
+        import json
+        (output_dir / "log.json").write_text(json.dumps({
+            "command": command, **meta, "lr": lr, "mixed_precision": mixed_precision, "device": str(device),
+            "train_wall_seconds_last_run": round(time.time() - t0, 1),
+            "train_cpu_seconds_last_run": round(time.process_time() - c0, 1), "lora_file": str(out),
+            "lora_bytes": out.stat().st_size, "loss": log["loss"]}, indent=1))
+    if world > 1:
+        dist.barrier()
+    log["steps_done"] = done
+    return unet, text_encoder, log
+
+
+def _cli_lora_real(args, argv):
+    import torch
+    if args.weights is None or args.images is None:
+        raise SystemExit("real mode needs both --weights PATH (SD 1.x) and --images DIR (captioned images)")
+    torch.set_num_threads(args.threads)
+    rank_id, world, _ = _dist_env()
+    _, _, log = train_lora_folder(
+        args.weights, args.images, args.output_dir, rank=args.rank, alpha=args.alpha, steps=args.steps or 1000,
+        batch_size=args.batch_size or 1, lr=args.lr or 1e-4, seed=args.seed, resolution=args.resolution,
+        targets=tuple(args.targets.split(",")), train_text_encoder=args.train_text_encoder,
+        save_every=args.save_every, resume=args.resume, max_steps_this_run=args.max_steps_this_run,
+        device=args.device, mixed_precision=args.mixed_precision, out=args.out,
+        command="python -m minisd train lora " + " ".join(argv))
+    if rank_id == 0:
+        print(f"{log['steps_done']} steps done; checkpoint in {args.output_dir}/checkpoint.pt"
+              + (f"; LoRA in {args.out or args.output_dir + '/lora.safetensors'}" if log['steps_done'] == (args.steps or 1000) else ""))
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -555,6 +1117,7 @@ def main(argv):
     trainers["vae"] = cli_vae
     trainers["clip"] = cli_clip
     trainers["unet"] = cli_unet
+    trainers["lora"] = cli_lora
     if not argv or argv[0] not in trainers:
         print(f"usage: python -m minisd train {{{'|'.join(trainers) or 'vae|clip|unet|lora'}}} [--help]",
               file=sys.stderr)
