@@ -592,7 +592,7 @@ def encode_concept_data(vae, text_encoder, tokenizer, concept="orange", n_new=20
 
 def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alpha=None, steps=400, batch_size=32,
                lr=3e-3, seed=0, targets=LORA_TARGETS, only_cross=False, replay=0.5, drop=0.1, n_new=2000, n_old=4000,
-               progress=True, encoded=None):
+               late=0.0, progress=True, encoded=None):
     """Teach the course U-Net a colour it never saw with a LoRA (chapter 13); returns (unet, log).
 
     `unet` gets LoRALinear layers (rank, alpha) on the `targets` projections; everything
@@ -601,13 +601,16 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
     not forgotten) and the rest images of the new colour, drops 10 % of the captions to ""
     (as the base model trained, for guidance), and takes an AdamW step on SD's loss
     ||eps - eps_theta(x_t, t, c)||^2. The learning rate warms up for 5 % of the steps and
-    decays along a cosine. `encoded` takes `encode_concept_data`'s output to skip encoding.
-    `log["loss"]` holds every step's loss.
+    decays along a cosine. `late` is the fraction of each batch whose timesteps are drawn
+    from the noisier half [T/2, T) instead of all of [0, T) (diffusers' "timestep bias"
+    towards later steps: a colour is decided early in sampling, at high noise).
+    `encoded` takes `encode_concept_data`'s output to skip encoding. `log["loss"]` holds every
+    step's loss.
     """
     import torch
     from tqdm import tqdm
     from . import lora
-    from .diffusion import drop_captions, training_loss
+    from .diffusion import NoiseSchedule, add_noise, drop_captions
     if not 0.0 <= replay < 1.0:
         raise ValueError(f"replay is the fraction of old images per batch, in [0, 1), got {replay}")
     torch.manual_seed(seed)
@@ -624,6 +627,8 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    schedule = NoiseSchedule.sd15()
+    index = {p: i for i, p in enumerate(prompts)}
     unet.train()
     log = {"loss": []}
     bar = tqdm(range(steps), desc=f"lora {concept} r{rank}", disable=not progress)
@@ -631,8 +636,15 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
         pick = torch.cat([new_idx[torch.randint(len(new_idx), (batch_size - n_old_batch,), generator=g)],
                           old_idx[torch.randint(len(old_idx), (n_old_batch,), generator=g)]])
         captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
-        index = {p: i for i, p in enumerate(prompts)}
-        loss = training_loss(unet, latents[pick], contexts[[index[c] for c in captions]], generator=g)
+        x0 = latents[pick]
+        T = schedule.num_train_timesteps
+        t = torch.randint(0, T, (batch_size,), generator=g)
+        n_late = round(batch_size * late)
+        if n_late:
+            t[:n_late] = torch.randint(T // 2, T, (n_late,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        eps = unet(add_noise(x0, noise, t, schedule), t, contexts[[index[c] for c in captions]])
+        loss = torch.nn.functional.mse_loss(eps, noise)                 # SD's ||eps - eps_theta(x_t, t, c)||^2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -650,7 +662,8 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="orange", new_seed
     Generates (DDIM, 25 steps, guidance 4, as chapter 9 judges) one image per combination
     and seed: the 15 new combinations x `new_seeds`, the 90 course ones x `old_seeds`, and
     lets `lora_judge(concept)` (palette: the course colours + the new one) read them. Also
-    the judge on n_real real images of each kind, the ceiling of what it can measure.
+    the judge on n_real real images of each kind, the ceiling of what it can measure (None
+    with n_real=0).
     Returns {"new": acc, "old": acc, "judge_on_real_new": acc, "judge_on_real_old": acc,
     "images_new": uint8, "captions_new": list}, each acc a dict colour/shape/position/all.
     """
@@ -663,15 +676,31 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="orange", new_seed
     new, images_new, captions_new = judge_course_unet(unet, vae, contexts, prompts, judge,
                                                       data.concept_combinations(concept), seeds=tuple(new_seeds))
     old = judge_course_unet(unet, vae, contexts, prompts, judge, data.combinations(), seeds=tuple(old_seeds))[0]
-    real_new = judge.accuracy(*data.sample(n_real, seed=4321, only=data.concept_combinations(concept)))
-    real_old = judge.accuracy(*data.sample(n_real, seed=12345))
+    real_new = real_old = None
+    if n_real:
+        real_new = judge.accuracy(*data.sample(n_real, seed=4321, only=data.concept_combinations(concept)))
+        real_old = judge.accuracy(*data.sample(n_real, seed=12345))
     return {"new": new, "old": old, "judge_on_real_new": real_new, "judge_on_real_old": real_old,
             "images_new": images_new, "captions_new": captions_new}
 
 
 
 # the course LoRA's recipe (`python -m minisd train lora` with no options; chapter 13)
-LORA_COURSE = {"steps": 600, "lr": 1e-2, "replay": 0.25, "targets": LORA_TARGETS, "only_cross": False}
+LORA_COURSE = {"steps": 800, "lr": 1e-2, "replay": 0.25, "targets": LORA_TARGETS, "only_cross": True}
+
+def _save_half(unet, path):
+    """lora.save with the factors in float16, as community LoRA files are (half the bytes)."""
+    from . import lora
+    params = lora.trainable_parameters(unet)
+    keep = [p.data for p in params]
+    for p in params:
+        p.data = p.data.half()
+    try:
+        lora.save(unet, path)
+    finally:
+        for p, d in zip(params, keep):
+            p.data = d
+
 
 def _lora_size(unet_with_lora):
     """(bytes of the LoRA file that lora.save writes for this U-Net, its LoRA parameters)."""
@@ -680,7 +709,7 @@ def _lora_size(unet_with_lora):
     from . import lora
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "lora.safetensors")
-        lora.save(unet_with_lora, path)
+        _save_half(unet_with_lora, path)
         return os.path.getsize(path), lora.count_parameters(unet_with_lora)[0]
 
 
@@ -728,7 +757,9 @@ def cli_lora(argv):
     p.add_argument("--batch-size", type=int, default=None, help="course default 32, real default 1 per process")
     p.add_argument("--lr", type=float, default=None, help="course default 1e-2, real default 1e-4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: this U-Net is so small that a second thread mostly adds "
+                        "synchronisation; on a 2-core machine 2 threads took ~2x the CPU seconds per step)")
     p.add_argument("--out", default=None, help="the LoRA file (course default data/course_lora_<concept>.safetensors; "
                    "real default OUTPUT_DIR/lora.safetensors)")
     p.add_argument("--log", default=None, help="course mode: the log (default: OUT with _log.json)")
@@ -786,7 +817,7 @@ def _cli_lora_course(args, argv):
                            targets=LORA_COURSE["targets"], only_cross=LORA_COURSE["only_cross"],
                            replay=LORA_COURSE["replay"])
     wall, cpu = time.time() - t0, time.process_time() - c0
-    lora.save(unet, out)
+    _save_half(unet, out)
     # evaluate what was written: the file loaded into a fresh copy of the base model
     shipped = lora.load(_load_course_unet(unet_path), out).eval()
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
@@ -802,6 +833,7 @@ def _cli_lora_course(args, argv):
     sizes = {"lora_bytes": out.stat().st_size, "unet_bytes": unet_path.stat().st_size,
              "lora_parameters": n_lora, "unet_parameters": n_unet}
     sizes["ratio"] = round(sizes["lora_bytes"] / sizes["unet_bytes"], 5)
+    sizes["lora_dtype"] = "float16"
     record = {"command": command, "concept": args.concept, "rgb": list(data.NEW_COLOURS[args.concept]),
               "rank": args.rank, "alpha": args.alpha if args.alpha is not None else float(args.rank),
               "targets": list(LORA_COURSE["targets"]), "only_cross": LORA_COURSE["only_cross"],
@@ -1047,8 +1079,10 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
         ids = tokenizer([items[i][1] for i in pick]).to(device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank_id)
         with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.dtype if hasattr(vae, "dtype") else torch.float32)).sample(g)
-            latents = (latents * scaling).float()
+            post = vae.encode(pixels.to(next(vae.parameters()).dtype))
+            # z = mean + std * eps with eps from the step's CPU generator (so CPU and CUDA runs draw alike)
+            latents = (post.mean.float() + post.std.float() * torch.randn(post.mean.shape, generator=g).to(device))
+            latents = latents * scaling
         noise = torch.randn(latents.shape, generator=g).to(device)
         t = torch.randint(0, schedule.num_train_timesteps, (len(pick),), generator=g).to(device)
         x_t = add_noise(latents, noise, t, schedule)

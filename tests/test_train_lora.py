@@ -1,0 +1,253 @@
+"""LoRA training (chapter 13): the new colour, the course trainer, and the real-SD trainer with
+its distributed (gloo) and resumable runs, on tiny models."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import minisd
+from minisd import data, lora, train
+from minisd.clip import CLIPTextConfig, CLIPTextEncoder
+from minisd.metrics import Judge
+from minisd.tokenizer import CLIPTokenizer
+from minisd.unet import UNet, UNetConfig
+from minisd.vae import AutoencoderKL, VAEConfig
+
+
+# --- the new colour and its judge ------------------------------------------------------------
+
+def test_orange_is_drawable_but_not_a_course_colour():
+    assert "orange" not in data.COLOURS and data.NEW_COLOURS["orange"] == (255, 128, 0)
+    assert not any(c == "orange" for c, _, _ in data.combinations()) and len(data.combinations()) == 90
+    combos = data.concept_combinations("orange")
+    assert len(combos) == 15 and len(set(combos)) == 15 and all(c == "orange" for c, _, _ in combos)
+    img = data.render("orange", "square", "in the center")
+    assert tuple(img[16, 16]) == (255, 128, 0)                        # the middle of the square: full colour
+    images, captions = data.sample(20, seed=3, only=combos)
+    assert all(c.startswith("a orange ") for c in captions)
+    with pytest.raises(ValueError, match="not a new colour"):
+        data.concept_combinations("red")
+    with pytest.raises(ValueError, match="not a course caption"):
+        data.parse("a orange circle in the center")                   # the course grammar is unchanged
+    assert data.parse("a orange circle in the center", new_colours=True) == ("orange", "circle", "in the center")
+
+
+def test_default_judge_is_unchanged_and_orange_judge_reads_real_orange():
+    default = Judge.load()
+    assert default.colours == data.COLOURS
+    images, captions = data.sample(600, seed=2025)
+    explicit = Judge.load(colours=data.COLOURS)
+    assert default(images) == explicit(images)
+    # a course-palette judge can only call orange red or yellow (its nearest colours)
+    orange, orange_captions = data.sample(600, seed=7, only=data.concept_combinations("orange"))
+    assert {g[0] for g in default(orange)} <= {"red", "yellow"}
+    judge = train.lora_judge("orange")
+    assert list(judge.colours) == [*data.COLOURS, "orange"]
+    assert judge.accuracy(orange, orange_captions) == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    # adding orange to the palette does not change the verdict on the old colours' real images
+    assert judge(images) == default(images)
+
+
+# --- the course trainer on tiny models ---------------------------------------------------------
+
+def _tiny_course_parts():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval().requires_grad_(False)          # f = 2: 32 px -> 16x16 latents
+    text = CLIPTextEncoder(CLIPTextConfig.tiny()).eval().requires_grad_(False)
+    unet = UNet(UNetConfig.tiny())                                               # 16x16 latents, context 32
+    return unet, vae, text, CLIPTokenizer.sd15()
+
+
+def test_course_lora_trains_only_lora_factors():
+    unet, vae, text, tok = _tiny_course_parts()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    encoded = train.encode_concept_data(vae, text, tok, "orange", n_new=16, n_old=16)
+    latents, labels, contexts, prompts, is_new = encoded
+    assert is_new.sum() == 16 and all(prompts[k].startswith("a orange") for k in labels[is_new].tolist())
+    assert not any(prompts[k].startswith("a orange") for k in labels[~is_new].tolist())
+    unet, log = train.train_lora(unet, vae, text, tok, steps=3, batch_size=4, lr=1e-2, encoded=encoded, progress=False)
+    assert len(log["loss"]) == 3 and all(np.isfinite(log["loss"]))
+    layers = [m for m in unet.modules() if isinstance(m, lora.LoRALinear)]
+    assert layers and all(m.up.weight.abs().sum() > 0 for m in layers)          # up starts at 0: it moved
+    assert [p for p in unet.parameters() if p.requires_grad] == lora.trainable_parameters(unet)
+    after = unet.state_dict()
+    for k, v in before.items():                                                 # every base weight unchanged
+        ours = k.rsplit(".", 1)
+        wrapped = f"{ours[0]}.base.{ours[1]}"
+        assert torch.equal(after[wrapped] if wrapped in after else after[k], v), k
+
+
+def test_course_lora_file_round_trips(tmp_path):
+    unet, vae, text, tok = _tiny_course_parts()
+    encoded = train.encode_concept_data(vae, text, tok, "orange", n_new=8, n_old=8)
+    unet, _ = train.train_lora(unet, vae, text, tok, steps=2, batch_size=4, encoded=encoded, progress=False)
+    lora.save(unet, tmp_path / "l.safetensors")
+    fresh = UNet(UNetConfig.tiny())
+    torch.manual_seed(0)
+    fresh.load_state_dict({k.replace(".base.", "."): v for k, v in unet.state_dict().items()
+                           if ".down." not in k and ".up." not in k and "init_" not in k}, strict=True)
+    lora.load(fresh, tmp_path / "l.safetensors")
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x, t, c), unet(x, t, c), atol=1e-6)
+
+
+def test_shipped_orange_lora_is_small_and_logged():
+    import json
+    path = minisd.DATA_DIR / "course_lora_orange.safetensors"
+    log = json.loads((minisd.DATA_DIR / "course_lora_orange_log.json").read_text())
+    unet_bytes = (minisd.DATA_DIR / "course_unet.safetensors").stat().st_size
+    assert path.stat().st_size < 0.01 * unet_bytes
+    assert log["sizes"]["lora_bytes"] == path.stat().st_size
+    assert log["command"].startswith("python -m minisd train lora")
+    unet = minisd.StableDiffusion.course_model().unet
+    lora.load(unet, path)
+    assert sum(isinstance(m, lora.LoRALinear) for m in unet.modules()) > 0
+
+
+# --- the real-SD trainer: a tiny diffusers folder and a folder of captioned images ------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from reference_sd import reference_pipeline
+    folder = tmp_path_factory.mktemp("tiny_sd") / "sd"
+    reference_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pics")
+    images, captions = data.sample(4, seed=5)
+    for i, (im, cap) in enumerate(zip(images, captions)):
+        # not square and not 16 px: the trainer resizes and centre-crops
+        Image.fromarray(np.concatenate([im, im[:, :8]], axis=1)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(cap + "\n")
+    return folder
+
+
+def _run(tiny_sd, images_dir, out, **kw):
+    args = dict(rank=2, steps=6, batch_size=1, lr=1e-3, seed=0, resolution=16, save_every=2, progress=False,
+                device="cpu")
+    args.update(kw)
+    return train.train_lora_folder(tiny_sd, images_dir, out, **args)
+
+
+def _factors(unet):
+    return [p.detach().clone() for p in lora.trainable_parameters(unet)]
+
+
+def test_load_training_image_resizes_and_centre_crops(tmp_path):
+    im = np.zeros((20, 40, 3), dtype=np.uint8)
+    im[:, 10:30] = 255                                # a white centre square of a wide image
+    Image.fromarray(im).save(tmp_path / "wide.png")
+    x = train.load_training_image(tmp_path / "wide.png", 10)
+    assert x.shape == (3, 10, 10) and x.min() >= -1 and x.max() <= 1
+    assert torch.all(x[:, :, 1:-1] > 0.9)             # the crop keeps the middle, which is white
+
+
+def test_folder_lora_trains_only_lora_and_writes_kohya_file(tiny_sd, images_dir, tmp_path):
+    from minisd.pipeline import StableDiffusion
+    base = StableDiffusion.from_pretrained(tiny_sd).unet.state_dict()
+    unet, _, log = _run(tiny_sd, images_dir, tmp_path / "run")
+    assert len(log["loss"]) == 6 and log["steps_done"] == 6
+    after = unet.state_dict()
+    for k, v in base.items():
+        a, b = k.rsplit(".", 1)
+        assert torch.equal(after.get(f"{a}.base.{b}", after.get(k)), v), k
+    assert all(p.grad is not None for p in lora.trainable_parameters(unet))
+    sd = minisd.weights.load_state_dict(tmp_path / "run" / "lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in sd) and any(k.endswith(".lora_down.weight") for k in sd)
+    assert (tmp_path / "run" / "log.json").exists() and (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_sd, images_dir, tmp_path, monkeypatch):
+    unet, _, _ = _run(tiny_sd, images_dir, tmp_path / "whole")
+    whole = _factors(unet)
+    # a run that dies during step 4 (0-based 3): its last checkpoint is the one of step 2
+    real_load, calls = train.load_training_image, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise _Killed
+        return real_load(*a, **k)
+    monkeypatch.setattr(train, "load_training_image", dying)
+    with pytest.raises(_Killed):
+        _run(tiny_sd, images_dir, tmp_path / "cut")
+    monkeypatch.setattr(train, "load_training_image", real_load)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2                                          # lost 1 step, at most --save-every
+    assert not (tmp_path / "cut" / "lora.safetensors").exists()
+    unet, _, log = _run(tiny_sd, images_dir, tmp_path / "cut", resume=True)
+    assert len(log["loss"]) == 6
+    for a, b in zip(_factors(unet), whole):
+        assert torch.equal(a, b)                                    # exactly the uninterrupted run's weights
+
+
+def test_planned_stop_and_resume(tiny_sd, images_dir, tmp_path):
+    unet, _, _ = _run(tiny_sd, images_dir, tmp_path / "whole", steps=5)
+    _, _, log = _run(tiny_sd, images_dir, tmp_path / "two", steps=5, max_steps_this_run=3)
+    assert log["steps_done"] == 3 and not (tmp_path / "two" / "lora.safetensors").exists()
+    resumed, _, _ = _run(tiny_sd, images_dir, tmp_path / "two", steps=5, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(_factors(resumed), _factors(unet)))
+    assert (tmp_path / "two" / "lora.safetensors").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, sd, pics, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    unet, _, log = train.train_lora_folder(sd, pics, out, rank=2, steps=3, batch_size=1, lr=1e-3, resolution=16,
+                                           save_every=0, progress=False, device="cpu")
+    torch.save({"factors": _factors(unet), "loss": log["loss"]}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_end_with_identical_lora(tiny_sd, images_dir, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tiny_sd), str(images_dir), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0["factors"], r1["factors"]))
+    assert any(a.abs().sum() > 0 for a in r0["factors"][1::2])       # the up factors moved
+    assert r0["loss"] == r1["loss"]                                  # the logged loss is the all-reduced mean
+    assert (tmp_path / "lora.safetensors").exists()                  # written once, by rank 0
+
+
+def test_bad_inputs_get_clear_errors(tiny_sd, images_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        _run(tiny_sd, tmp_path / "nope", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        _run(tiny_sd, tmp_path / "empty", tmp_path / "o")
+    (tmp_path / "nocap").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "nocap" / "a.png")
+    with pytest.raises(FileNotFoundError, match="has no caption: write it to a.txt"):
+        _run(tiny_sd, tmp_path / "nocap", tmp_path / "o")
+    (tmp_path / "nocap" / "metadata.jsonl").write_text('{"file_name": "b.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="no caption for a.png"):
+        _run(tiny_sd, tmp_path / "nocap", tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        _run(tmp_path / "missing.safetensors", images_dir, tmp_path / "o")
+    from safetensors.torch import save_file
+    save_file({"some.other.model.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(minisd.weights.WeightsError):
+        _run(tmp_path / "other.safetensors", images_dir, tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run(tiny_sd, images_dir, tmp_path / "fresh", resume=True)
+    _run(tiny_sd, images_dir, tmp_path / "r2", steps=2, save_every=1)
+    with pytest.raises(ValueError, match="rank=2, this run has rank=4"):
+        _run(tiny_sd, images_dir, tmp_path / "r2", steps=4, rank=4, resume=True)
