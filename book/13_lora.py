@@ -1,0 +1,424 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 13. LoRA: teaching the model a new word
+#
+# Fine-tuning all 860M parameters of SD's U-Net for one new style or object is expensive to
+# train and to share: every result is another 1.7-3.4 GB file. **LoRA** (low-rank adaptation,
+# Hu et al. 2021, first for language models; brought to Stable Diffusion by Simo Ryu's
+# `lora` repository and made common by kohya-ss's training scripts) freezes the model and
+# learns a small *correction* to some of its weight matrices:
+#
+# $$W' = W_0 + \Delta W, \qquad \Delta W = A B, \quad A \in \mathbb R^{n \times d},\; B \in \mathbb R^{d \times m},\; d \ll n .$$
+#
+# $W_0$ ($n \times m$) never changes; only $A$ and $B$ are trained. The product $AB$ has rank at
+# most $d$ (the LoRA's *rank*, `lora_dim` in kohya's scripts), and it needs $d(n + m)$ numbers
+# instead of $nm$. The bet, which the seed notes put as "large models have a low intrinsic
+# dimension", is that the change a narrow task needs fits in such a product.
+#
+# In SD the corrections go into the U-Net's attention projections, above all the
+# **cross-attention** where the text comes in (chapter 3): `to_q`, `to_k`, `to_v` and
+# `to_out`. This chapter builds that on the course model and uses it to teach the model a
+# colour it has never drawn.
+
+# %%
+# %matplotlib inline
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+
+import minisd
+from minisd import DATA_DIR, StableDiffusion, data, lora
+from minisd.metrics import Judge
+
+_ = torch.manual_seed(0)
+
+# %% [markdown]
+# ## The seed's arithmetic
+#
+# The notes' example: $\Delta W$ is $100 \times 1024$, the rank is 8. Here it is, counted from
+# real layers rather than typed in: an `nn.Linear(1024, 100)` holds $W_0$ (torch stores it
+# as (out, in) = (100, 1024)), and `lora.LoRALinear` wraps it with its two factors.
+
+# %%
+base = nn.Linear(1024, 100, bias=False)
+layer = lora.LoRALinear(base, rank=8)
+full = base.weight.numel()
+a, b = layer.up.weight, layer.down.weight        # A: n x d = 100 x 8, B: d x m = 8 x 1024
+print(f"W0: {tuple(base.weight.shape)} -> {full:,} parameters")
+print(f"A:  {tuple(a.shape)} -> {a.numel():,},  B: {tuple(b.shape)} -> {b.numel():,},  "
+      f"together {a.numel() + b.numel():,}")
+print(f"{full / (a.numel() + b.numel()):.2f}x fewer")
+
+# %% [markdown]
+# 102,400 against 800 + 8,192 = 8,992: 11.39 times fewer, as the notes say.
+#
+# **Starting exactly at $W_0$.** One factor starts random and the other at zero, so
+# $AB = 0$ and the first training step begins from the unchanged model. The notes put the
+# Gaussian on $A$ and the zeros on $B$; the LoRA paper, kohya and peft do it the other way
+# round (the factor that reads the input, `lora_down`, is Gaussian, the one that writes the
+# output, `lora_up`, is zero). Either makes the product zero; minisd follows the paper and
+# the file format. The layer computes
+# $y = W_0 x + \frac{\alpha}{d}\, A (B x)$: the two thin matrices are applied one after the
+# other, never multiplied out, and $\alpha / d$ (`alpha` in the file) keeps the update's size
+# independent of the rank.
+
+# %%
+x = torch.randn(5, 1024)
+with torch.no_grad():
+    print("at step 0, max |LoRA(x) - W0 x| =", float((layer(x) - base(x)).abs().max()))
+    sym = lora.LoRALinear(nn.Linear(1024, 100, bias=False), rank=8, symmetric=True)
+    w0 = sym.base.weight + sym.delta_weight()               # the weight before the trick
+    print("symmetric start: A and B both random:", bool(sym.up.weight.abs().sum() > 0),
+          f"| max |output - W0 x| = {float((sym(x) - x @ w0.T).abs().max()):.1e}")
+
+# %% [markdown]
+# The notes also give a **symmetric** variant: "subtract $AB$ from $W_0$ first" ($W' = W_0 -
+# \Delta W_\text{init} + \Delta W$), so both factors can start Gaussian and the output at step 0
+# is still that of $W_0$ (up to float rounding, as printed). It is `symmetric=True` here; a
+# file saved from it stores the extra $-\Delta W_\text{init}$ as a rank-$2d$ LoRA, so other
+# tools read it correctly.
+#
+# ## Where the LoRA goes, and how much it trains
+#
+# `lora.inject(unet, rank)` wraps every attention projection of the U-Net (`to_q`, `to_k`,
+# `to_v`, `to_out`, in both the self- and the cross-attention of each transformer block) and
+# freezes everything else; `only_cross=True` keeps only the cross-attention, the seed's
+# "mainly acts on CrossAttention". The count below is made on the course U-Net and on the
+# SD 1.5 U-Net, the latter built on the meta device (shapes only, no memory).
+
+# %%
+def lora_share(make_unet, rank, only_cross=False):
+    unet = make_unet()
+    lora.inject(unet, rank, only_cross=only_cross)
+    n_lora, n_base = lora.count_parameters(unet)
+    return n_lora, n_base
+
+
+def course_unet():
+    return StableDiffusion.course_model().unet
+
+
+def sd15_unet():
+    with torch.device("meta"):
+        return minisd.UNet(minisd.UNetConfig.sd15())
+
+
+print(f"{'rank':>4} | {'course U-Net: LoRA params':>26} {'share':>7} | {'SD 1.5 U-Net: LoRA params':>26} "
+      f"{'share':>7} {'fp16 file':>10} | cross-attn only (SD 1.5)")
+for rank in (1, 2, 4, 8, 16, 32, 64):
+    c_lora, c_base = lora_share(course_unet, rank)
+    s_lora, s_base = lora_share(sd15_unet, rank)
+    x_lora, _ = lora_share(sd15_unet, rank, only_cross=True)
+    print(f"{rank:4d} | {c_lora:26,} {c_lora / c_base:7.2%} | {s_lora:26,} {s_lora / s_base:7.3%} "
+          f"{s_lora * 2 / 2**20:7.1f} MB | {x_lora:,} ({x_lora / s_base:.3%})")
+print(f"base U-Nets: course {c_base:,} parameters, SD 1.5 {s_base:,}")
+
+# %% [markdown]
+# At rank 4 a LoRA on all of SD 1.5's attention projections holds 797,184 numbers, 0.09 % of
+# the U-Net: a 1.5 MB file in float16 against 1.7 GB. The course U-Net is tiny (1.76M
+# parameters) and its attention layers are a larger part of it, so the same rank is a larger
+# share there. Community SD 1.5 LoRAs are larger than this table's rows because kohya's
+# default also wraps `proj_in`, `proj_out` and the feed-forward layers of each transformer
+# block, and often uses rank 32-128: 10-150 MB, still a few percent of the model.
+
+# %% [markdown]
+# ## A colour the course model has never drawn
+#
+# The course data draws six colours. `minisd.data.NEW_COLOURS` holds one more, **orange**
+# (255, 128, 0), that the data can draw but no course model has seen: not the VAE, not the
+# text encoder, not the U-Net. The course VAE still encodes and decodes orange shapes well
+# (28.6 dB PSNR, mean colour (246, 131, 6); white and purple, tried too, come back red, so they
+# would test the VAE rather than the LoRA). The word "orange" is in CLIP's vocabulary, but the
+# course text encoder never saw it in a caption, so its vector for that token was never
+# trained to mean anything.
+#
+# The judge of chapters 9-12 reads colour by letting each bright pixel vote for the nearest
+# palette colour. For this chapter its palette is the six colours plus orange, for the base
+# model and the LoRA alike, so a reddish or yellowish blob answering "orange" is judged wrong.
+# (The captions keep the course grammar, "a orange circle ...", article and all.)
+
+# %%
+from minisd import train
+
+CONCEPT = "orange"
+judge = train.lora_judge(CONCEPT)
+new_prompts = train.concept_prompts(CONCEPT)                      # 15: 3 shapes x 5 positions
+old_prompts = [data.caption(*c) for c in data.combinations()]     # the 90 the model learned
+real_new, real_new_captions = data.sample(300, seed=7, only=data.concept_combinations(CONCEPT))
+real_old, real_old_captions = data.sample(300, seed=8)
+print("judge on real orange images:", {k: f"{v:.0%}" for k, v in judge.accuracy(real_new, real_new_captions).items()})
+print("judge on real course images:", {k: f"{v:.0%}" for k, v in judge.accuracy(real_old, real_old_captions).items()})
+
+pipe = StableDiffusion.course_model()      # 25 DDIM steps, guidance 4
+
+
+def generate(prompts, seed=0):
+    """The pipeline's images for `prompts` as uint8 (N, 32, 32, 3), what the judge reads."""
+    return (pipe(prompts, seed=seed, output_type="np", progress=False) * 255).round().astype(np.uint8)
+
+
+def show_accuracy(name, images, prompts):
+    acc = judge.accuracy(images, prompts)
+    print(f"{name:38s}", "  ".join(f"{k} {v:4.0%}" for k, v in acc.items()))
+    return acc
+
+
+before = {"new": np.concatenate([generate(new_prompts, seed=0), generate(new_prompts, seed=1)]),
+          "old": generate(old_prompts, seed=0)}
+acc_before = {"new": show_accuracy("base model, 15 orange prompts x 2 seeds", before["new"], new_prompts * 2),
+              "old": show_accuracy("base model, the 90 course prompts", before["old"], old_prompts)}
+print("colours the judge saw for 'orange':", sorted({g[0] for g in judge(before["new"])}))
+
+# %% [markdown]
+# Without the LoRA the model has no idea what "orange" asks for: it draws a shape in the right
+# place in one of the six colours it knows (the judge names them above), and never orange.
+#
+# ## Training a LoRA
+#
+# `python -m minisd train lora --concept orange` does what follows and writes
+# `data/course_lora_orange.safetensors` with its log. It is chapter 9's training loop with two
+# changes:
+#
+# 1. `lora.inject(unet, rank=4)` wraps the attention projections and freezes everything else;
+#    the optimizer gets only the LoRA factors (the trainer asserts that nothing else has
+#    `requires_grad`).
+# 2. Each batch mixes orange images (captioned "a orange ...") with **replayed** old course
+#    images and their captions. With orange images alone the cheapest way to lower the loss is
+#    to make *everything* a little more orange; the replayed images make the LoRA pay for
+#    that, so it has to tie the change to the word.
+#
+# The VAE and the text encoder stay frozen, as in SD's own training: the LoRA has to learn what
+# the text encoder's (never trained) vector for "orange" should mean. Below, the same function
+# runs for a few steps on a fresh copy of the U-Net, only to show what trains and what does not.
+
+# %%
+demo_unet = StableDiffusion.course_model().unet                  # a fresh copy of the base U-Net
+w0 = {k: v.clone() for k, v in demo_unet.state_dict().items()}
+demo_unet, demo_log = train.train_lora(demo_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, CONCEPT, rank=4,
+                                       steps=20, n_new=256, n_old=256)
+n_lora, n_frozen = lora.count_parameters(demo_unet)
+trained = [n for n, p in demo_unet.named_parameters() if p.requires_grad]
+base_change = max(float((v - w0[k.replace(".base.", ".")]).abs().max())
+                  for k, v in demo_unet.state_dict().items() if k.replace(".base.", ".") in w0)
+print(f"trainable tensors: {len(trained)} (e.g. {trained[0]}), {n_lora:,} parameters; frozen {n_frozen:,}")
+print(f"after {len(demo_log['loss'])} steps: largest change of any base weight = {base_change}")
+
+# %% [markdown]
+# Only the LoRA factors have `requires_grad`; after the steps, no base weight has moved by a
+# single bit. That is what makes a LoRA a *separate* file: it can be shipped, switched on and
+# off, and scaled, all without touching the model it was made for.
+#
+# ## Before and after
+#
+# The LoRA that `python -m minisd train lora --concept orange` trained is in `data/`, with
+# its log: the recipe, the loss at every step, the CPU time, and a larger evaluation than this
+# notebook has time for. `lora.load` reads the file into the pipeline's U-Net.
+
+# %%
+log = json.loads((DATA_DIR / "course_lora_orange_log.json").read_text())
+print("trained with:", {k: log[k] for k in ("rank", "alpha", "targets", "only_cross", "steps", "batch_size", "lr",
+                                             "replay")})
+print(f"training took {log['train_cpu_seconds']:.0f} CPU seconds ({log['threads']} thread(s))")
+
+lora.load(pipe, DATA_DIR / "course_lora_orange.safetensors")
+after = {"new": np.concatenate([generate(new_prompts, seed=0), generate(new_prompts, seed=1)]),
+         "old": generate(old_prompts, seed=0)}
+acc_after = {"new": show_accuracy("with the LoRA, 15 orange prompts x 2 seeds", after["new"], new_prompts * 2),
+             "old": show_accuracy("with the LoRA, the 90 course prompts", after["old"], old_prompts)}
+
+# %%
+fig, axes = plt.subplots(3, 15, figsize=(15, 3.6))
+rows = [(real_new[[real_new_captions.index(p) for p in new_prompts]], "real"),
+        (before["new"][:15], "base model"), (after["new"][:15], "with LoRA")]
+seen_before, seen_after = judge(before["new"][:15]), judge(after["new"][:15])
+for r, (images, label) in enumerate(rows):
+    for c in range(15):
+        ax = axes[r, c]
+        ax.imshow(images[c])
+        ax.set_xticks([]), ax.set_yticks([])
+        if r == 0:
+            ax.set_title(new_prompts[c].removeprefix("a orange ").replace("in the ", ""), fontsize=6)
+        if r > 0:
+            ax.set_xlabel((seen_before if r == 1 else seen_after)[c][0], fontsize=7)
+    axes[r, 0].set_ylabel(label, fontsize=9)
+fig.suptitle('"a orange ...": real images, the base model, the model with the LoRA (seed 0; below each: the colour '
+             'the judge saw)', fontsize=10)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The log's evaluation, on more samples (6 seeds for each orange prompt, 2 for each old one),
+# with the judge's accuracy on real images of each kind beside it:
+
+# %%
+ev = log["evaluation"]
+print(f"{'':14s} {'orange prompts':>15s} {'old prompts':>12s}")
+for name in ("base", "lora"):
+    print(f"{name:14s} {ev[name]['new']['all']:15.1%} {ev[name]['old']['all']:12.1%}")
+print(f"{'judge on real':14s} {ev['judge_on_real']['new']['all']:15.1%} {ev['judge_on_real']['old']['all']:12.1%}")
+
+# %% [markdown]
+# ## Strength
+#
+# A loaded LoRA has a `scale` (community tools call it the LoRA's *weight*): the update becomes
+# $s \cdot \frac{\alpha}{d} A B$. At 0 it is the base model; past 1 it exaggerates. Here it
+# is turned from 0 to 2 on two prompts with the same starting noise.
+
+# %%
+layers = [m for m in pipe.unet.modules() if isinstance(m, lora.LoRALinear)]
+scales = [0.0, 0.5, 1.0, 1.5, 2.0]
+demo_prompts = ["a orange triangle in the center", "a orange circle in the top right"]
+fig, axes = plt.subplots(len(demo_prompts), len(scales), figsize=(8, 3.6))
+for c, s in enumerate(scales):
+    for m in layers:
+        m.scale = s
+    images = generate(demo_prompts, seed=3)
+    for r in range(len(demo_prompts)):
+        axes[r, c].imshow(images[r])
+        axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, c].set_xlabel(judge(images[r:r + 1])[0][0], fontsize=8)
+        axes[0, c].set_title(f"scale {s:g}", fontsize=9)
+for m in layers:
+    m.scale = 1.0
+plt.suptitle("LoRA strength (below each image: the colour the judge saw)", fontsize=10)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Merge and unmerge
+#
+# While training, keeping $A$ and $B$ separate is the point. For generating, the extra two
+# thin matrix products per layer can be folded away: `lora.merge` adds
+# $\frac{\alpha}{d} A B$ into $W_0$ in place, after which each layer is a plain linear layer
+# again, as fast as the base model. `lora.unmerge` subtracts it back out. Both are checked
+# here: the merged model gives the same noise prediction as the unmerged one, and after
+# unmerging every weight is $W_0$ again, up to float32 rounding.
+
+# %%
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4, 4, 8, 8, generator=g)
+ctx = pipe.text_encoder(pipe.tokenizer(new_prompts[:4]))
+w_base = {n: m.base.weight.clone() for n, m in pipe.unet.named_modules() if isinstance(m, lora.LoRALinear)}
+with torch.no_grad():
+    separate = pipe.unet(x, 500, ctx)
+    lora.merge(pipe.unet)
+    merged = pipe.unet(x, 500, ctx)
+    lora.unmerge(pipe.unet)
+back = max(float((m.base.weight - w_base[n]).abs().max()) for n, m in pipe.unet.named_modules()
+           if isinstance(m, lora.LoRALinear))
+print(f"merged vs separate, max |diff| of the noise prediction: {(merged - separate).abs().max():.1e}")
+print(f"unmerge(merge(W0)) vs W0, largest |diff| over {len(w_base)} layers: {back:.1e}")
+
+# %% [markdown]
+# ## The file
+#
+# `lora.save` writes the format that community tools share (kohya-ss's): one
+# `lora_down.weight` ($B$, $d \times m$), one `lora_up.weight` ($A$, $n \times d$) and one
+# `alpha` per wrapped layer, named after the layer's path in *diffusers'* U-Net with dots as
+# underscores. So a LoRA trained here loads in other SD 1.x tools, and their SD 1.x LoRAs load
+# here. Ours is stored in float16:
+
+# %%
+from safetensors import safe_open
+
+path = DATA_DIR / "course_lora_orange.safetensors"
+with safe_open(str(path), "pt") as f:
+    keys = sorted(f.keys())
+    first = keys[0].rsplit(".", 2)[0]
+    for k in [k for k in keys if k.startswith(first)]:
+        print(f"{k:82s} {str(tuple(f.get_tensor(k).shape)):12s} {f.get_tensor(k).dtype}")
+unet_file = DATA_DIR / "course_unet.safetensors"
+print(f"... {len(keys)} tensors, {len(keys) // 3} layers; {path.stat().st_size:,} bytes against the U-Net's "
+      f"{unet_file.stat().st_size:,} ({path.stat().st_size / unet_file.stat().st_size:.2%})")
+
+# %% [markdown]
+# The trained file holds only the **cross-attention** layers (`attn2`), the seed's "mainly
+# acts on CrossAttention": that is what the trainer's `only_cross=True` chose, and it keeps
+# the file under 1 % of the course U-Net (rank 4 on every attention projection would be 2 %,
+# see the table above). To check that the names and numbers mean the same thing elsewhere,
+# the same file goes into diffusers: the course U-Net's weights are copied into a diffusers
+# `UNet2DConditionModel` (`weights.unet_key` maps each diffusers name to ours), and diffusers'
+# own `load_lora_weights` machinery (its kohya converter and peft) reads the file.
+
+# %%
+import diffusers
+from diffusers import StableDiffusionPipeline
+
+base_unet = StableDiffusion.course_model().unet
+theirs = diffusers.UNet2DConditionModel(**base_unet.config.to_diffusers()).eval()
+ours_sd = base_unet.state_dict()
+theirs.load_state_dict({k: ours_sd[minisd.weights.unet_key(k)] for k in theirs.state_dict()})
+state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, theirs)
+with torch.no_grad():
+    a = pipe.unet(x, 500, ctx)
+    b = theirs(x, 500, encoder_hidden_states=ctx).sample
+    base_out = base_unet(x, 500, ctx)
+print(f"minisd vs diffusers, same LoRA file: max |diff| = {(a - b).abs().max():.1e} "
+      f"(the LoRA itself moves the output by up to {(a - base_out).abs().max():.2f})")
+
+# %% [markdown]
+# ## Rank: quality against size
+#
+# How large must $d$ be? The trainer's `--rank-sweep` trained one LoRA per rank, each for a
+# shorter run than the main one (the log says how long) and judged on fewer samples, and
+# recorded accuracy and file size:
+
+# %%
+sweep = log["rank_sweep"]
+print(log["rank_sweep_note"])
+print(f"{'rank':>4} {'parameters':>11} {'file bytes':>11} {'orange':>7} {'old':>6} {'CPU s':>6}")
+for row in sweep:
+    print(f"{row['rank']:4d} {row['params']:11,} {row['file_bytes']:11,} {row['new_accuracy']:7.1%} "
+          f"{row['old_accuracy']:6.1%} {row['train_cpu_seconds']:6.0f}")
+fig, ax = plt.subplots(figsize=(6.5, 3.4))
+ranks = [r["rank"] for r in sweep]
+ax.plot(ranks, [r["new_accuracy"] for r in sweep], "o-", label="orange prompts (judge)")
+ax.plot(ranks, [r["old_accuracy"] for r in sweep], "s--", label="old prompts (judge)")
+ax.set(xscale="log", xticks=ranks, xticklabels=ranks, xlabel="rank d", ylabel="accuracy", ylim=(0, 1.05))
+ax2 = ax.twinx()
+ax2.bar(ranks, [r["file_bytes"] / 1000 for r in sweep], width=[0.25 * r for r in ranks], alpha=0.25, color="grey")
+ax2.set_ylabel("file size (kB, grey bars)")
+ax.legend(loc="center left", fontsize=8)
+ax.set_title("LoRA rank vs quality vs file size", fontsize=10)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## On real Stable Diffusion
+#
+# The same command fine-tunes real SD 1.x weights on a folder of your own images, each with a
+# caption in a `.txt` file of the same name (or all captions in a `metadata.jsonl`):
+#
+# ```bash
+# python -m minisd train lora --weights v1-5-pruned-emaonly.safetensors --images my_photos/ \
+#     --rank 8 --steps 2000 --output-dir my_lora --save-every 200
+# ```
+#
+# Images are resized and centre-cropped to 512x512, the VAE and text encoder stay frozen
+# (`--train-text-encoder` adds `lora_te_` layers to it too), and on a GPU the forward pass runs
+# under float16 or bfloat16 autocast (`--mixed-precision`). Every `--save-every` steps it
+# writes a resumable checkpoint (the LoRA factors, the optimizer, the step and every random
+# state); after an interruption `--resume` continues from it, so at most that many steps are
+# lost, and the resumed run ends with exactly the weights of an uninterrupted one (a test
+# kills a run and checks this). Under `torchrun --nproc_per_node 4 -m minisd train lora ...`
+# the same command runs data-parallel (DistributedDataParallel; NCCL on GPUs, gloo on CPUs),
+# with logging and checkpoints on rank 0 only; a test runs two CPU processes and checks that
+# both end with identical LoRA weights.
