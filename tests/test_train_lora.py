@@ -103,6 +103,12 @@ def test_shipped_orange_lora_is_small_and_logged():
     assert path.stat().st_size < 0.01 * unet_bytes
     assert log["sizes"]["lora_bytes"] == path.stat().st_size
     assert log["command"].startswith("python -m minisd train lora")
+    ev = log["evaluation"]
+    assert ev["lora"]["old"]["all"] >= ev["base"]["old"]["all"] - 0.05     # the old prompts are not forgotten
+    assert ev["lora"]["new"]["all"] > ev["base"]["new"]["all"]
+    assert ev["judge_on_real"]["new"]["all"] >= 0.99 and ev["judge_on_real"]["old"]["all"] >= 0.99
+    assert [r["rank"] for r in log["rank_sweep"]] == [1, 2, 4, 8, 16]
+    assert all(a["file_bytes"] < b["file_bytes"] for a, b in zip(log["rank_sweep"], log["rank_sweep"][1:]))
     unet = minisd.StableDiffusion.course_model().unet
     lora.load(unet, path)
     assert sum(isinstance(m, lora.LoRALinear) for m in unet.modules()) > 0
@@ -251,3 +257,33 @@ def test_bad_inputs_get_clear_errors(tiny_sd, images_dir, tmp_path):
     _run(tiny_sd, images_dir, tmp_path / "r2", steps=2, save_every=1)
     with pytest.raises(ValueError, match="rank=2, this run has rank=4"):
         _run(tiny_sd, images_dir, tmp_path / "r2", steps=4, rank=4, resume=True)
+
+
+def test_killed_process_resumes_to_the_same_weights(tiny_sd, images_dir, tmp_path):
+    """A real kill (SIGKILL of a `python -m minisd train lora` process once it has written a
+    checkpoint), then --resume: the same LoRA as a run never interrupted."""
+    import subprocess
+    import sys
+    import time
+    steps, out = 80, tmp_path / "killed"
+    cmd = [sys.executable, "-m", "minisd", "train", "lora", "--weights", str(tiny_sd), "--images", str(images_dir),
+           "--resolution", "16", "--steps", str(steps), "--rank", "2", "--lr", "1e-3", "--batch-size", "1",
+           "--save-every", "5", "--threads", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    alive = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert alive, "the run ended before it could be killed: make it longer"
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < steps and not (out / "lora.safetensors").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                    # as the killed process ran, so the floats match bit for bit
+    try:
+        resumed, _, _ = _run(tiny_sd, images_dir, out, steps=steps, save_every=5, resume=True)
+        whole, _, _ = _run(tiny_sd, images_dir, tmp_path / "whole", steps=steps, save_every=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(_factors(resumed), _factors(whole)))
