@@ -803,7 +803,10 @@ def cli_lora(argv):
     real.add_argument("--targets", default=",".join(LORA_TARGETS), help="U-Net layer names to wrap")
     args = p.parse_args(argv)
     if args.weights is not None or args.images is not None:
-        return _cli_lora_real(args, argv)
+        try:
+            return _cli_lora_real(args, argv)
+        except (FileNotFoundError, ValueError) as e:   # bad input: the message says what to do, no traceback
+            raise SystemExit(f"error: {e}") from None
     return _cli_lora_course(args, argv)
 
 
