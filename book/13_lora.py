@@ -187,8 +187,11 @@ acc_before = {"new": show_accuracy("base model, 15 orange prompts x 2 seeds", be
 print("colours the judge saw for 'orange':", sorted({g[0] for g in judge(before["new"])}))
 
 # %% [markdown]
-# Without the LoRA the model has no idea what "orange" asks for: it draws a shape in the right
-# place in one of the six colours it knows (the judge names them above), and never orange.
+# Without the LoRA the model does not know what "orange" asks for. It draws the right shape in
+# the right place (shape and position come from the other words) in a colour it knows, mostly
+# red or yellow, the two that orange lies between. Some of its answers are red-to-yellow
+# blends whose average hue the judge reads as orange, so the base model already scores
+# about 20 % on the new prompts: that, not 0, is the floor to beat.
 #
 # ## Training a LoRA
 #
@@ -265,14 +268,41 @@ plt.show()
 
 # %% [markdown]
 # The log's evaluation, on more samples (6 seeds for each orange prompt, 2 for each old one),
-# with the judge's accuracy on real images of each kind beside it:
+# with the judge's accuracy on real images of each kind beside it, and on real images after a
+# round trip through the course VAE (the best any latent model built on this VAE can do):
 
 # %%
 ev = log["evaluation"]
-print(f"{'':14s} {'orange prompts':>15s} {'old prompts':>12s}")
-for name in ("base", "lora"):
-    print(f"{name:14s} {ev[name]['new']['all']:15.1%} {ev[name]['old']['all']:12.1%}")
-print(f"{'judge on real':14s} {ev['judge_on_real']['new']['all']:15.1%} {ev['judge_on_real']['old']['all']:12.1%}")
+print(f"{'':30s} {'orange prompts':>15s} {'old prompts':>12s}")
+for name, label in (("base", "base model"), ("lora", "with the LoRA"), ("judge_on_real", "judge on real images"),
+                    ("judge_on_vae_reconstructions", "judge on VAE reconstructions")):
+    print(f"{label:30s} {ev[name]['new']['all']:15.1%} {ev[name]['old']['all']:12.1%}")
+
+# %% [markdown]
+# **What this LoRA does and does not do.** It keeps every old prompt right (100 % before and
+# after: nothing was forgotten), it trains in about two CPU minutes, and its file is 0.75 % of
+# the U-Net's. But it turns orange prompts into orange images only about half the time: the
+# figures show it pushing the model's red and yellow answers towards each other, often into a
+# red-to-yellow blend rather than one flat orange. We set out to reach 80 % and did not. What
+# we measured about why:
+#
+# - The target is reachable in principle: the judge calls 97.7 % of the VAE's reconstructions
+#   of real orange shapes orange. But the VAE already smears the hue (the ratio green/red of
+#   its orange pixels is 0.50 ± 0.11; the judge accepts 0.25 to 0.75), and the U-Net's samples
+#   spread it about three times as wide (± 0.30), so half of them fall on red or yellow.
+# - It is not under-fitting in the usual sense: with the LoRA, the training loss on orange
+#   images is as low as on red or yellow ones, and more sampling steps or other samplers do
+#   not help.
+# - Rank does not help (the sweep below), nor did putting the LoRA on every attention layer,
+#   the feed-forward layers or the ResNet convolutions, other learning rates, more or less
+#   replay, other caption dropout, timesteps biased to high or low noise, a loss weighted
+#   towards the shape's pixels, or a stronger LoRA scale: all gave 37-57 %. Only training
+#   longer helped: 3,000 steps (about 400 CPU seconds) reached 64 %.
+#
+# The six course colours are pure primaries and secondaries, each a corner of the RGB cube;
+# orange is the first colour that must be hit *between* two of them, and that is a precision
+# this small latent model does not have. A new *shape* or a new *position* would be a fairer
+# test of the LoRA itself; we have not tried them yet.
 
 # %% [markdown]
 # ## Strength
