@@ -387,10 +387,9 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 #
 # | where | what | minisd | diffusers | ratio |
 # |---|---|---|---|---|
-# | CPU, 2 cores, 2 threads | text to image, end to end | 20.9 s | 28.0 s | 0.75 (wall) |
-# | CPU, 2 cores, 1 thread | text to image, end to end | 27.4 CPU-s | 28.0 CPU-s | 0.98 (CPU time) |
-# | CPU | folder -> parts ready (fresh process) | 0.42-1.37 s | 0.32-1.17 s | 0.9-1.2 |
-# | CPU | peak memory while loading | 4.88 GiB | 4.88 GiB | 1.00 |
+# | CPU, 2 cores, 2 threads | text to image, end to end | 16.0-16.3 s | 15.8-16.3 s | 0.99 and 1.03 (two runs) |
+# | CPU | folder -> parts ready (fresh process) | 0.21 s | 0.24 s | 0.87 |
+# | CPU | peak memory while loading | 4.45 GiB | 4.45 GiB | 1.00 |
 # | H200, fp16 | text to image, 512x512, 30 steps | 0.62 s | 0.87 s | 0.71 |
 # | H200, fp16 | one U-Net step, 64x64 latents, batch 2 | 19 ms | 26 ms | 0.75 |
 # | H200, fp16 | the same step through `torch.compile` | 14 ms | 15 ms | 0.95 |
@@ -398,9 +397,10 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 # | H200, fp16 | peak GPU memory after loading | 2.18 GiB | 2.02 GiB | 1.08 |
 #
 # The two images agree to 1e-6 in float32 and to 2.5e-3 in float16 (each library rounds its
-# own way). The CPU rows were measured while other work shared the 2-core machine, so the
-# wall-clock seconds vary by run (the 1-thread run is compared by CPU time for that reason) and
-# the load times spread over the range shown; take the ratios, not the seconds. On the GPU
+# own way). The CPU rows come from a quiet machine: on the CPU the two are level, the same
+# kernels doing nearly all the work (an earlier run, on a machine busy with other jobs, had
+# shown 0.75; it did not hold up). minisd's load time excludes its tokenizer, whose 49,408-word
+# vocabulary is read on first use (about 0.1 s), as the diffusers side here loads none. On the GPU
 # `torch.compile` (default mode, about 42 s of compiling on the first call for each library)
 # makes minisd's step 1.37x faster and diffusers' 1.74x, and leaves them nearly equal; minisd's
 # eager lead is probably launch overhead (at 26 ms a step, Python and kernel launches weigh; we

@@ -33,8 +33,20 @@ class StableDiffusion:
 
     def __init__(self, unet, vae, text_encoder, tokenizer=None, steps=50, guidance=7.5, scheduler="pndm"):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.tokenizer = tokenizer or CLIPTokenizer.sd15()
+        self._tokenizer = tokenizer
         self.steps, self.guidance, self.scheduler = steps, guidance, scheduler
+
+    @property
+    def tokenizer(self):
+        """SD 1.x's CLIP tokenizer unless another was given; its 49,408-word vocabulary is read
+        on first use (about 0.1 s), not while the weights load."""
+        if self._tokenizer is None:
+            self._tokenizer = CLIPTokenizer.sd15()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        self._tokenizer = tokenizer
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
