@@ -185,10 +185,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_sd, images_dir, tmp_pa
         if len(calls) == 4:
             raise _Killed
         return real_load(*a, **k)
-    monkeypatch.setattr(train, "load_training_image", dying)
+    monkeypatch.setattr(train.lora_folder, "load_training_image", dying)
     with pytest.raises(_Killed):
         _run(tiny_sd, images_dir, tmp_path / "cut")
-    monkeypatch.setattr(train, "load_training_image", real_load)
+    monkeypatch.setattr(train.lora_folder, "load_training_image", real_load)
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2                                          # lost 1 step, at most --save-every
     assert not (tmp_path / "cut" / "lora.safetensors").exists()

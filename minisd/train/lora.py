@@ -1,0 +1,338 @@
+"""The course LoRA (chapter 13): `python -m minisd train lora --concept orange`, its evaluation and
+rank sweep."""
+import math
+
+from .unet import course_prompts, frozen_course_models, judge_course_unet
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def concept_prompts(concept):
+    """The 15 captions of a new colour (data.NEW_COLOURS), in data.concept_combinations' order."""
+    from .. import data
+    return [data.caption(*c) for c in data.concept_combinations(concept)]
+
+
+def lora_judge(concept="orange"):
+    """The judge of chapter 13: the course judge with the palette data.COLOURS + the new colour,
+    used for the base model and the LoRA alike, on old prompts and new."""
+    from .. import data
+    from ..metrics import Judge
+    return Judge.load(colours={**data.COLOURS, concept: data.NEW_COLOURS[concept]})
+
+
+def encode_concept_data(vae, text_encoder, tokenizer, concept="orange", n_new=2000, n_old=4000, seed=0,
+                        batch_size=500):
+    """What the LoRA trains on, encoded once with the frozen VAE and text encoder (chapter 13).
+
+    n_new images of the new colour (all 15 of its combinations) and n_old course images (the
+    replay set: never a data.HELD_OUT combination), as scaled latents. Returns
+    (latents, labels, contexts, prompts, is_new): prompts = the 90 course captions, "" and the
+    15 new ones; labels (n_new + n_old,) index prompts/contexts; is_new (n,) bool.
+    """
+    import torch
+    from .. import data
+    new_images, new_captions = data.sample(n_new, seed=seed + 13, only=data.concept_combinations(concept))
+    old_images, old_captions = data.sample(n_old, seed=seed + 14, exclude=data.HELD_OUT)
+    import numpy as np
+    images = np.concatenate([new_images, old_images])
+    captions = new_captions + old_captions
+    prompts = course_prompts() + concept_prompts(concept)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(data.to_tensor(images[i:i + batch_size])).mean
+                             for i in range(0, len(images), batch_size)]) * vae.scaling_factor
+        contexts = text_encoder(tokenizer(prompts))                       # (106, 77, D)
+    index = {p: i for i, p in enumerate(prompts)}
+    labels = torch.tensor([index[c] for c in captions])
+    is_new = torch.arange(len(captions)) < n_new
+    return latents, labels, contexts, prompts, is_new
+
+
+def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alpha=None, steps=800, batch_size=32,
+               lr=1e-2, seed=0, targets=LORA_TARGETS, only_cross=True, replay=0.25, drop=0.1, n_new=2000, n_old=4000,
+               late=0.0, progress=True, encoded=None):
+    """Teach the course U-Net a colour it never saw with a LoRA (chapter 13); returns (unet, log).
+
+    `unet` gets LoRALinear layers (rank, alpha) on the `targets` projections; everything
+    else is frozen, so only the LoRA factors train. Each step draws a batch of which a
+    fraction `replay` are old course images with their captions (so the old prompts are
+    not forgotten) and the rest images of the new colour, drops 10 % of the captions to ""
+    (as the base model trained, for guidance), and takes an AdamW step on SD's loss
+    ||eps - eps_theta(x_t, t, c)||^2. The learning rate warms up for 5 % of the steps and
+    decays along a cosine. `late` is the fraction of each batch whose timesteps are drawn
+    from the noisier half [T/2, T) instead of all of [0, T) (diffusers' "timestep bias"
+    towards later steps: a colour is decided early in sampling, at high noise; on orange it
+    did not help: 43 % vs 45 % with late=0.5).
+    `encoded` takes `encode_concept_data`'s output to skip encoding. `log["loss"]` holds every
+    step's loss.
+    """
+    import torch
+    from tqdm import tqdm
+    from .. import lora
+    from ..diffusion import NoiseSchedule, add_noise, drop_captions
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"replay is the fraction of old images per batch, in [0, 1), got {replay}")
+    torch.manual_seed(seed)
+    latents, labels, contexts, prompts, is_new = encoded or encode_concept_data(
+        vae, text_encoder, tokenizer, concept, n_new, n_old, seed)
+    lora.inject(unet, rank, alpha, targets, only_cross=only_cross)
+    params = lora.trainable_parameters(unet)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}, "only the LoRA factors may train"
+    new_idx, old_idx = torch.nonzero(is_new).flatten(), torch.nonzero(~is_new).flatten()
+    n_old_batch = round(batch_size * replay)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    schedule = NoiseSchedule.sd15()
+    index = {p: i for i, p in enumerate(prompts)}
+    unet.train()
+    log = {"loss": []}
+    bar = tqdm(range(steps), desc=f"lora {concept} r{rank}", disable=not progress)
+    for step in bar:
+        pick = torch.cat([new_idx[torch.randint(len(new_idx), (batch_size - n_old_batch,), generator=g)],
+                          old_idx[torch.randint(len(old_idx), (n_old_batch,), generator=g)]])
+        captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
+        x0 = latents[pick]
+        T = schedule.num_train_timesteps
+        t = torch.randint(0, T, (batch_size,), generator=g)
+        n_late = round(batch_size * late)
+        if n_late:
+            t[:n_late] = torch.randint(T // 2, T, (n_late,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        eps = unet(add_noise(x0, noise, t, schedule), t, contexts[[index[c] for c in captions]])
+        loss = torch.nn.functional.mse_loss(eps, noise)                 # SD's ||eps - eps_theta(x_t, t, c)||^2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        log["loss"].append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(log['loss'][-25:]) / len(log['loss'][-25:]):.4f}")
+    return unet.eval(), log
+
+
+def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="orange", new_seeds=tuple(range(6)),
+                  old_seeds=(0, 1), judge=None, n_real=1000):
+    """Judge a (LoRA or base) course U-Net on the new colour and on the old prompts (chapter 13).
+
+    Generates (DDIM, 25 steps, guidance 4, as chapter 9 judges) one image per combination
+    and seed: the 15 new combinations x `new_seeds`, the 90 course ones x `old_seeds`, and
+    lets `lora_judge(concept)` (palette: the course colours + the new one) read them. Also
+    the judge on n_real real images of each kind, the ceiling of what it can measure (None
+    with n_real=0).
+    And the judge on the VAE's reconstructions of those real images, decode(encode(x)): a
+    latent model's ceiling (for orange the course VAE already spreads the hue). Returns
+    {"new": acc, "old": acc, "judge_on_real_new": acc, "judge_on_real_old": acc,
+    "judge_on_vae_reconstructions_new": acc, "judge_on_vae_reconstructions_old": acc,
+    "images_new": uint8, "captions_new": list}, each acc a dict colour/shape/position/all.
+    """
+    import torch
+    from .. import data
+    judge = judge or lora_judge(concept)
+    prompts = course_prompts() + concept_prompts(concept)
+    with torch.no_grad():
+        contexts = text_encoder(tokenizer(prompts))
+    new, images_new, captions_new = judge_course_unet(unet, vae, contexts, prompts, judge,
+                                                      data.concept_combinations(concept), seeds=tuple(new_seeds))
+    old = judge_course_unet(unet, vae, contexts, prompts, judge, data.combinations(), seeds=tuple(old_seeds))[0]
+    real_new = real_old = vae_new = vae_old = None
+    if n_real:
+        real = {"new": data.sample(n_real, seed=4321, only=data.concept_combinations(concept)),
+                "old": data.sample(n_real, seed=12345)}
+        real_new, real_old = (judge.accuracy(*real[k]) for k in ("new", "old"))
+        # the VAE's own reconstructions decode(encode(x)): the best a latent model can hope for
+        with torch.no_grad():
+            rec = {k: data.to_uint8(torch.cat([vae.decode(vae.encode(data.to_tensor(im[i:i + 500])).mean)
+                                               for i in range(0, len(im), 500)])) for k, (im, _) in real.items()}
+        vae_new, vae_old = (judge.accuracy(rec[k], real[k][1]) for k in ("new", "old"))
+    return {"new": new, "old": old, "judge_on_real_new": real_new, "judge_on_real_old": real_old,
+            "judge_on_vae_reconstructions_new": vae_new, "judge_on_vae_reconstructions_old": vae_old,
+            "images_new": images_new, "captions_new": captions_new}
+
+
+
+# the course LoRA's recipe (`python -m minisd train lora` with no options, and train_lora's
+# defaults; chapter 13). Measured on orange (15 prompts x 6 seeds, DDIM 25, guidance 4): base
+# 18 %, this recipe 49 % in 115 CPU s (1 thread); 3000 steps at lr 5e-3 (400 CPU s) 64 %. The
+# course VAE itself spreads orange's hue (its reconstructions of real orange: 97.7 % judged
+# orange, green/red 0.50 +- 0.11), and the U-Net's samples spread it about 3x wider (+- 0.30),
+# so half of them cross into red or yellow. Other settings tried, all 37-57 %: all attention
+# layers, + feed-forward, + ResNet convs, ranks 1-16, lr 5e-3..2e-2, replay 0.1-0.5, caption
+# dropout 0-0.5, timesteps biased late or early, batch 8 x 2400 steps.
+LORA_COURSE = {"steps": 800, "lr": 1e-2, "replay": 0.25, "targets": LORA_TARGETS, "only_cross": True}
+
+def _save_half(unet, path):
+    """lora.save with the factors in float16, as community LoRA files are (half the bytes)."""
+    from .. import lora
+    params = lora.trainable_parameters(unet)
+    keep = [p.data for p in params]
+    for p in params:
+        p.data = p.data.half()
+    try:
+        lora.save(unet, path)
+    finally:
+        for p, d in zip(params, keep):
+            p.data = d
+
+
+def _lora_size(unet_with_lora):
+    """(bytes of the LoRA file that lora.save writes for this U-Net, its LoRA parameters)."""
+    import os
+    import tempfile
+    from .. import lora
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "lora.safetensors")
+        _save_half(unet_with_lora, path)
+        return os.path.getsize(path), lora.count_parameters(unet_with_lora)[0]
+
+
+def lora_rank_sweep(ranks, concept="orange", steps=300, seed=0, progress=True, **train_kwargs):
+    """Chapter 13's rank sweep: for each rank, a fresh course U-Net, `steps` LoRA steps, then
+    new-concept and old-prompt accuracy (fewer seeds than the main evaluation), parameters and
+    file size. Returns a list of dicts."""
+    import time
+    from ..pipeline import _load_course_unet, COURSE_FILES
+    from .. import DATA_DIR
+    vae, text_encoder, tokenizer = frozen_course_models()
+    encoded = encode_concept_data(vae, text_encoder, tokenizer, concept, seed=seed)
+    rows = []
+    for rank in ranks:
+        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).requires_grad_(False)
+        c0 = time.process_time()
+        unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=seed,
+                             encoded=encoded, progress=progress, **train_kwargs)
+        cpu = time.process_time() - c0
+        ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=(0, 1, 2), old_seeds=(0,),
+                           n_real=0)
+        file_bytes, params = _lora_size(unet)
+        rows.append({"rank": rank, "params": params, "file_bytes": file_bytes,
+                     "new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
+                     "train_cpu_seconds": round(cpu, 1)})
+        if progress:
+            print(f"rank {rank:3d}: {params:7,d} parameters, {file_bytes:8,d} bytes, new {rows[-1]['new_accuracy']:.3f}, "
+                  f"old {rows[-1]['old_accuracy']:.3f}, {cpu:.0f} s CPU", flush=True)
+    return rows
+
+
+def cli_lora(argv):
+    """python -m minisd train lora --concept orange [...] | --weights PATH --images DIR [...]"""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m minisd train lora",
+        description="Train a LoRA (chapter 13). Course mode (default): teach the course U-Net a new colour "
+                    "(--concept, from minisd.data.NEW_COLOURS) and write data/course_lora_<concept>.safetensors "
+                    "and its _log.json. Real mode (--weights PATH --images DIR): fine-tune SD 1.x weights on a "
+                    "folder of captioned images (also under torchrun).")
+    p.add_argument("--concept", default="orange", help="course mode: the new colour to teach")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, update scale 1)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (course default 600, real default 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="course default 32, real default 1 per process")
+    p.add_argument("--lr", type=float, default=None, help="course default 1e-2, real default 1e-4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: this U-Net is so small that a second thread mostly adds "
+                        "synchronisation; on a 2-core machine 2 threads took ~2x the CPU seconds per step)")
+    p.add_argument("--out", default=None, help="the LoRA file (course default data/course_lora_<concept>.safetensors; "
+                   "real default OUTPUT_DIR/lora.safetensors)")
+    p.add_argument("--log", default=None, help="course mode: the log (default: OUT with _log.json)")
+    p.add_argument("--rank-sweep", default=None, help="course mode: comma-separated ranks, e.g. 1,2,4,8,16: "
+                   "also train one LoRA per rank (--sweep-steps steps each) and log accuracy vs rank vs file size")
+    p.add_argument("--sweep-steps", type=int, default=300)
+    real = p.add_argument_group("real SD 1.x mode")
+    real.add_argument("--weights", default=None, help="SD 1.x weights: a diffusers folder or one .safetensors/.ckpt")
+    real.add_argument("--images", default=None, help="folder of images (.png/.jpg/.jpeg/.webp), each with a "
+                      "caption in <name>.txt beside it, or all captions in DIR/metadata.jsonl "
+                      "({\"file_name\": ..., \"text\": ...} per line)")
+    real.add_argument("--resolution", type=int, default=512, help="images are resized and centre-cropped to this")
+    real.add_argument("--output-dir", default="lora-output", help="where checkpoints, the log and the LoRA go")
+    real.add_argument("--train-text-encoder", action="store_true", help="also put LoRAs on the text encoder")
+    real.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps")
+    real.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    real.add_argument("--max-steps-this-run", type=int, default=None,
+                      help="stop (after checkpointing) once this many steps have run in this process")
+    real.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; under torchrun, "
+                      "cuda:LOCAL_RANK)")
+    real.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                      help="autocast dtype on CUDA (default fp16 with a GradScaler; always 'no' on CPU)")
+    real.add_argument("--targets", default=",".join(LORA_TARGETS), help="U-Net layer names to wrap")
+    args = p.parse_args(argv)
+    if args.weights is not None or args.images is not None:
+        from .lora_folder import cli_lora_real
+        try:
+            return cli_lora_real(args, argv)
+        except (FileNotFoundError, ValueError) as e:   # bad input: the message says what to do, no traceback
+            raise SystemExit(f"error: {e}") from None
+    return _cli_lora_course(args, argv)
+
+
+def _cli_lora_course(args, argv):
+    import json
+    import time
+    from pathlib import Path
+    import torch
+    from .. import DATA_DIR, data, lora
+    from ..pipeline import COURSE_FILES, _load_course_unet
+    if args.concept not in data.NEW_COLOURS:
+        raise SystemExit(f"--concept {args.concept!r} is not a colour the course data can draw but the base model "
+                         f"never saw: choose one of {list(data.NEW_COLOURS)}")
+    command = "python -m minisd train lora " + " ".join(argv)
+    torch.set_num_threads(args.threads)
+    steps, batch_size, lr = args.steps or LORA_COURSE["steps"], args.batch_size or 32, args.lr or LORA_COURSE["lr"]
+    out = Path(args.out) if args.out else DATA_DIR / f"course_lora_{args.concept}.safetensors"
+    log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
+    unet_path = DATA_DIR / COURSE_FILES["unet"]
+    vae, text_encoder, tokenizer = frozen_course_models()
+    base = _load_course_unet(unet_path).requires_grad_(False)
+    judge = lora_judge(args.concept)
+    print("judging the base model ...", flush=True)
+    before = evaluate_lora(base, vae, text_encoder, tokenizer, args.concept, judge=judge)
+    unet = _load_course_unet(unet_path)
+    t0, c0 = time.time(), time.process_time()
+    unet, log = train_lora(unet, vae, text_encoder, tokenizer, args.concept, rank=args.rank, alpha=args.alpha,
+                           steps=steps, batch_size=batch_size, lr=lr, seed=args.seed,
+                           targets=LORA_COURSE["targets"], only_cross=LORA_COURSE["only_cross"],
+                           replay=LORA_COURSE["replay"])
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    _save_half(unet, out)
+    # evaluate what was written: the file loaded into a fresh copy of the base model
+    shipped = lora.load(_load_course_unet(unet_path), out).eval()
+    after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
+    as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
+    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "judge_palette": list(judge.colours),
+                  "new_prompts": f"the 15 {args.concept} combinations x 6 seeds",
+                  "old_prompts": "the 90 course combinations x 2 seeds",
+                  "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},
+                  "lora": {"new": as_float(after["new"]), "old": as_float(after["old"])},
+                  "judge_on_real": {"new": as_float(after["judge_on_real_new"]),
+                                    "old": as_float(after["judge_on_real_old"])},
+                  "judge_on_vae_reconstructions": {"new": as_float(after["judge_on_vae_reconstructions_new"]),
+                                                   "old": as_float(after["judge_on_vae_reconstructions_old"])}}
+    n_lora, n_unet = lora.count_parameters(unet)
+    sizes = {"lora_bytes": out.stat().st_size, "unet_bytes": unet_path.stat().st_size,
+             "lora_parameters": n_lora, "unet_parameters": n_unet}
+    sizes["ratio"] = round(sizes["lora_bytes"] / sizes["unet_bytes"], 5)
+    sizes["lora_dtype"] = "float16"
+    record = {"command": command, "concept": args.concept, "rgb": list(data.NEW_COLOURS[args.concept]),
+              "rank": args.rank, "alpha": args.alpha if args.alpha is not None else float(args.rank),
+              "targets": list(LORA_COURSE["targets"]), "only_cross": LORA_COURSE["only_cross"],
+              "replay": LORA_COURSE["replay"], "steps": steps, "batch_size": batch_size, "lr": lr,
+              "seed": args.seed, "threads": args.threads, "train_cpu_seconds": round(cpu, 1),
+              "train_wall_seconds": round(wall, 1), "evaluation": evaluation, "sizes": sizes,
+              "loss": [round(v, 5) for v in log["loss"]]}
+    if args.rank_sweep:
+        ranks = [int(r) for r in args.rank_sweep.split(",")]
+        record["rank_sweep_steps"] = args.sweep_steps
+        record["rank_sweep_note"] = (f"each rank trained {args.sweep_steps} steps (the main LoRA: {steps}), "
+                                     "judged on 15 new combinations x 3 seeds and 90 old x 1 seed")
+        record["rank_sweep"] = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed,
+                                               batch_size=batch_size, lr=lr, targets=LORA_COURSE["targets"],
+                                               only_cross=LORA_COURSE["only_cross"], replay=LORA_COURSE["replay"])
+    log_path.write_text(json.dumps(record, indent=1))
+    print(json.dumps(evaluation, indent=1))
+    print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {out} "
+          f"({sizes['lora_bytes']:,d} bytes, {100 * sizes['ratio']:.2f} % of the U-Net's file) and {log_path}")
+    return 0

@@ -1,0 +1,210 @@
+"""Training the course U-Net (chapter 9): `python -m minisd train unet`, sampling and judging it."""
+import dataclasses
+import math
+
+def course_unet_config(context_dim):
+    """The course U-Net (chapter 9): SD's U-Net code with small numbers, for 4x8x8 latents.
+
+    Three levels (8x8 -> 4x4 -> 2x2), cross-attention to the text at every level, one
+    ResNetBlock per down block; `context_dim` is the course text encoder's width.
+    """
+    from ..unet import UNetConfig
+    return UNetConfig(block_channels=(32, 64, 64), cross_attention=(True, True, True), heads=(2, 4, 4),
+                      layers_per_block=1, context_dim=context_dim, groups=8, sample_size=8)
+
+
+def course_prompts():
+    """The 90 course captions and "" (the empty prompt of caption dropout and guidance), in a fixed order."""
+    from .. import data
+    return [data.caption(*c) for c in data.combinations()] + [""]
+
+
+def encode_course_data(vae, text_encoder, tokenizer, n=8000, seed=0, batch_size=500):
+    """What the U-Net trains on, computed once with the frozen VAE and text encoder (chapter 9).
+
+    n course images (never a `data.HELD_OUT` combination) -> latents (n, c, h, w) times
+    `vae.scaling_factor` (the posterior means); every course prompt -> context (91, 77, D)
+    (there are only 90 captions and "", so each is encoded once). Returns
+    (latents, labels, contexts, prompts): labels (n,) index prompts/contexts.
+    """
+    import torch
+    from .. import data
+    images, captions = data.sample(n, seed=seed, exclude=data.HELD_OUT)
+    prompts = course_prompts()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(data.to_tensor(images[i:i + batch_size])).mean
+                             for i in range(0, n, batch_size)]) * vae.scaling_factor
+        contexts = text_encoder(tokenizer(prompts))                       # (91, 77, D)
+    index = {p: i for i, p in enumerate(prompts)}
+    labels = torch.tensor([index[c] for c in captions])
+    return latents, labels, contexts, prompts
+
+
+def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch_size=32, lr=4e-3,
+                     drop=0.1, ema_decay=0.999, seed=0, progress=True):
+    """SD's U-Net training loop (chapter 9) on precomputed latents; returns (unet, ema, log).
+
+    Each step: a batch of latents x0 and their captions, each caption replaced by "" with
+    probability `drop` (SD 1.3+: 10 %), then `diffusion.training_loss`: noise x0 to a random
+    t and regress the noise, ||eps - eps_theta(x_t, t, c)||^2. AdamW with a short warm-up and
+    a cosine decay. `ema` is an exponential moving average of the weights (decay
+    `ema_decay`); `log["loss"]` holds every step's loss.
+    """
+    import copy
+    import torch
+    from tqdm import tqdm
+    from ..diffusion import drop_captions, training_loss
+    g = torch.Generator().manual_seed(seed)
+    index = {p: i for i, p in enumerate(prompts)}
+    unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    log = {"loss": []}
+    bar = tqdm(range(steps), desc="unet", disable=not progress)
+    for step in bar:
+        pick = torch.randint(0, len(latents), (batch_size,), generator=g)
+        captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
+        context = contexts[[index[c] for c in captions]]                  # (B, 77, D)
+        loss = training_loss(unet, latents[pick], context, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))  # a short memory while the weights move fast
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        log["loss"].append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(log['loss'][-50:]) / len(log['loss'][-50:]):.4f}")
+    return unet.eval(), ema, log
+
+
+def sample_course_latents(unet, cond, uncond, steps=25, guidance=4.0, scheduler="ddim", seed=0):
+    """Latents from noise with classifier-free guidance (chapter 10's loop, for evaluation here).
+
+    cond (B, 77, D) the prompts' contexts, uncond (1, 77, D) the context of "". Each step
+    runs the U-Net once on the batch [uncond, cond] and mixes eps_u + guidance (eps_c - eps_u).
+    """
+    import torch
+    from ..schedulers import make_scheduler
+    c, size = unet.config.in_channels, unet.config.sample_size
+    b = len(cond)
+    sched = make_scheduler(scheduler)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((b, c, size, size), generator=g) * sched.init_noise_sigma
+    context = torch.cat([uncond.expand(b, -1, -1), cond])                # (2B, 77, D)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t)
+            eps_u, eps_c = unet(torch.cat([xin, xin]), t, context).chunk(2)
+            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x, g)
+    return x
+
+
+def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), steps=25, guidance=4.0,
+                      scheduler="ddim"):
+    """Generate one image per (combination, seed) and let the judge read colour, shape and position.
+
+    Returns (accuracy dict from `Judge.accuracy`, uint8 images, captions)."""
+    import numpy as np
+    import torch
+    from .. import data
+    index = {p: i for i, p in enumerate(prompts)}
+    captions = [data.caption(*c) for c in combos]
+    images = []
+    for seed in seeds:
+        cond = contexts[[index[c] for c in captions]]
+        x = sample_course_latents(unet, cond, contexts[index[""]][None], steps, guidance, scheduler, seed)
+        with torch.no_grad():
+            images.append(data.to_uint8(vae.decode(x / vae.scaling_factor)))
+    images = np.concatenate(images)
+    captions = captions * len(seeds)
+    return judge.accuracy(images, captions), images, captions
+
+
+def save_course_unet(unet, path, metadata):
+    """Write a U-Net (our keys, fp32) to safetensors with its config in the metadata."""
+    import json
+    from safetensors.torch import save_file
+    meta = {**metadata, "config": json.dumps(dataclasses.asdict(unet.config))}
+    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(path), metadata=meta)
+
+
+def cli_unet(argv):
+    """python -m minisd train unet [--steps N] [--out PATH] [--seed S] ..."""
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+    import torch
+    from .. import DATA_DIR, data
+    from ..metrics import Judge
+    from ..unet import UNet
+    p = argparse.ArgumentParser(prog="python -m minisd train unet",
+                                description="Train the course U-Net (chapter 9) on latents of the frozen course VAE, "
+                                            "conditioned on the frozen course CLIP text encoder; write "
+                                            "data/course_unet.safetensors and data/course_unet_log.json.")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--images", type=int, default=8000, help="size of the fixed pool of training images")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=DATA_DIR / "course_unet.safetensors")
+    p.add_argument("--log", type=Path, default=None, help="loss log (default: OUT with _log.json)")
+    args = p.parse_args(argv)
+    command = "python -m minisd train unet " + " ".join(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vae, text_encoder, tokenizer = frozen_course_models()
+    t0, c0 = time.time(), time.process_time()
+    latents, labels, contexts, prompts = encode_course_data(vae, text_encoder, tokenizer, args.images, args.seed)
+    unet = UNet(course_unet_config(contexts.shape[-1]))
+    unet, ema, log = train_unet_model(unet, latents, labels, contexts, prompts, args.steps, args.batch_size,
+                                      args.lr, ema_decay=args.ema_decay, seed=args.seed)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    # the judge decides whether the moving average beats the last weights (same prompts, same noise)
+    judge = Judge.load()
+    train_combos = [c for c in data.combinations() if c not in data.HELD_OUT]
+    score = {name: judge_course_unet(model, vae, contexts, prompts, judge, train_combos, seeds=(100,))[0]
+             for name, model in (("last", unet), ("ema", ema))}
+    best = "ema" if score["ema"]["all"] >= score["last"]["all"] else "last"
+    model = ema if best == "ema" else unet
+    seen = judge_course_unet(model, vae, contexts, prompts, judge, data.combinations(), seeds=(0, 1, 2))[0]
+    held = judge_course_unet(model, vae, contexts, prompts, judge, data.HELD_OUT, seeds=tuple(range(10)))[0]
+    real_images, real_captions = data.sample(1000, seed=12345)
+    real = judge.accuracy(real_images, real_captions)
+    as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
+    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0,
+                  "last_vs_ema": {k: as_float(v) for k, v in score.items()}, "saved": best,
+                  "all_90_combinations_x3_seeds": as_float(seen), "held_out_x10_seeds": as_float(held),
+                  "judge_on_1000_real_images": as_float(real)}
+    save_course_unet(model, args.out, {"command": command, "weights": best, "sampler": "ddim", "steps": "25",
+                                       "guidance": "4.0", "train_wall_seconds": f"{wall:.0f}",
+                                       "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
+    log_path = args.log or args.out.with_name(args.out.stem + "_log.json")
+    log_path.write_text(json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
+                                    "lr": args.lr, "images": args.images, "ema_decay": args.ema_decay,
+                                    "train_wall_seconds": round(wall), "train_cpu_seconds": round(cpu),
+                                    "threads": args.threads, "evaluation": evaluation,
+                                    "loss": [round(v, 5) for v in log["loss"]]}))
+    print(json.dumps(evaluation, indent=1))
+    print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {args.out} ({best} weights) "
+          f"and {log_path}")
+    return 0
+
+
+def frozen_course_models():
+    """The course VAE, text encoder and tokenizer from data/, frozen: SD trains only the U-Net."""
+    from ..clip import CLIPTextEncoder
+    from ..tokenizer import CLIPTokenizer
+    from ..vae import AutoencoderKL
+    vae = AutoencoderKL.course().eval().requires_grad_(False)
+    text_encoder = CLIPTextEncoder.course().eval().requires_grad_(False)
+    return vae, text_encoder, CLIPTokenizer.sd15()
