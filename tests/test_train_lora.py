@@ -170,6 +170,31 @@ def test_folder_lora_trains_only_lora_and_writes_kohya_file(tiny_sd, images_dir,
     assert (tmp_path / "run" / "log.json").exists() and (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_folder_lora_with_text_encoder_trains_both_and_loads_back(tiny_sd, images_dir, tmp_path):
+    """--train-text-encoder: LoRAs on the text encoder's q/k/v/out projections too, written as
+    lora_te_ keys beside the lora_unet_ ones; the file loads into a fresh pipeline and gives the
+    trained models' outputs; the frozen base weights of both stay as they were."""
+    from minisd.pipeline import StableDiffusion
+    base_te = StableDiffusion.from_pretrained(tiny_sd).text_encoder.state_dict()
+    unet, text_encoder, log = _run(tiny_sd, images_dir, tmp_path / "te", train_text_encoder=True)
+    te_layers = [m for m in text_encoder.modules() if isinstance(m, lora.LoRALinear)]
+    assert te_layers and all(m.up.weight.abs().sum() > 0 for m in te_layers)     # up starts at 0: it moved
+    after = text_encoder.state_dict()
+    for k, v in base_te.items():
+        a, b = k.rsplit(".", 1)
+        assert torch.equal(after.get(f"{a}.base.{b}", after.get(k)), v), k
+    sd = minisd.weights.load_state_dict(tmp_path / "te" / "lora.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in sd)
+    assert any(k.startswith("lora_unet_") for k in sd)
+    fresh = StableDiffusion.from_pretrained(tiny_sd)
+    lora.load(fresh, tmp_path / "te" / "lora.safetensors")
+    ids = fresh.tokenizer(["a red circle in the top left"])
+    with torch.no_grad():
+        want = text_encoder.float()(ids)
+        got = fresh.text_encoder(ids)
+    assert (want - got).abs().max() < 1e-5
+
+
 class _Killed(Exception):
     pass
 
