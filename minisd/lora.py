@@ -226,8 +226,9 @@ def _parts(obj):
     raise TypeError(f"expected a minisd pipeline, UNet or CLIPTextEncoder, got {type(obj).__name__}")
 
 
-def save(obj, path):
-    """Write the LoRAs of a pipeline, U-Net or text encoder to a kohya-style .safetensors file.
+def save(obj, path, dtype=None):
+    """Write the LoRAs of a pipeline, U-Net or text encoder to a kohya-style .safetensors file,
+    the factors in `dtype` if given (community files are mostly float16: half the bytes).
 
     A LoRA made with `symmetric=True` has W' = W0 + dW - dW_init, which is written exactly as a
     rank-2r LoRA: down = [down; init_down], up = [up, -init_up], alpha doubled.
@@ -246,8 +247,8 @@ def save(obj, path):
                 up = torch.cat([up, -layer.init_up], dim=1)
                 alpha = 2 * alpha
             name = ours_to_kohya[p]
-            out[name + ".lora_down.weight"] = down.detach().contiguous()
-            out[name + ".lora_up.weight"] = up.detach().contiguous()
+            out[name + ".lora_down.weight"] = down.detach().to(dtype or down.dtype).contiguous()
+            out[name + ".lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
             out[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     if not out:
         raise ValueError("nothing to save: the model holds no LoRA layers (call lora.inject first)")

@@ -76,6 +76,7 @@ class StableDiffusion:
         _check_device_dtype(device, dtype)
         from . import DATA_DIR
         from .clip import CLIPTextEncoder
+        from .unet import UNet
         from .vae import AutoencoderKL
         for part, name in COURSE_FILES.items():
             if not (DATA_DIR / name).exists():
@@ -85,7 +86,7 @@ class StableDiffusion:
         vae = AutoencoderKL.course(DATA_DIR / COURSE_FILES["vae"]).to(
             device, torch.float32 if dtype == torch.float16 else dtype)
         text_encoder = CLIPTextEncoder.course(DATA_DIR / COURSE_FILES["clip"]).to(device, dtype)
-        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).to(device, dtype)
+        unet = UNet.course(DATA_DIR / COURSE_FILES["unet"]).to(device, dtype)
         return cls(unet, vae, text_encoder, steps=25, guidance=4.0, scheduler="ddim")
 
     @property
@@ -246,23 +247,6 @@ class StableDiffusion:
             latents = add_noise(x0, noise, t.repeat(len(x0)).to(self.device))
         latents = self._denoise(latents, context, sched, timesteps, guidance, generator, progress)
         return self._output(latents, output_type)
-
-
-def _load_course_unet(path):
-    """The U-Net written by `python -m minisd train unet` (our keys; its UNetConfig as JSON in the
-    safetensors metadata), built on the meta device and filled with the file's tensors."""
-    import json
-    from safetensors import safe_open
-    from .unet import UNet, UNetConfig
-    from .weights import WeightsError, load_into, load_state_dict
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by `python -m minisd train unet`")
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
-    with torch.device("meta"):
-        unet = UNet(UNetConfig(**config))
-    return load_into(unet, load_state_dict(path), str(path)).eval()
 
 
 def _check_device_dtype(device, dtype):

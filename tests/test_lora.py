@@ -258,6 +258,24 @@ def test_save_load_round_trip(tiny_pair, tmp_path, symmetric):
     assert ranks == ({8} if symmetric else {4})                      # symmetric: W0-relative update has rank 2r
 
 
+def test_save_in_float16_halves_the_file_and_keeps_the_factors(tiny_pair, tmp_path):
+    ours, _ = tiny_pair
+    lora.inject(ours, rank=4, only_cross=True)
+    randomise_up(ours, seed=5)
+    lora.save(ours, tmp_path / "fp32.safetensors")
+    lora.save(ours, tmp_path / "fp16.safetensors", dtype=torch.float16)
+    full, half = (weights.load_state_dict(tmp_path / f) for f in ("fp32.safetensors", "fp16.safetensors"))
+    assert full.keys() == half.keys()
+    for k, v in half.items():
+        if k.endswith(".alpha"):
+            assert v.dtype == torch.float32 and torch.equal(v, full[k])   # alpha is a setting, kept exact
+        else:
+            assert v.dtype == torch.float16 and torch.equal(v, full[k].half())
+    factors = sum(v.numel() for k, v in full.items() if not k.endswith(".alpha"))
+    size = lambda f: (tmp_path / f).stat().st_size  # noqa: E731
+    assert size("fp32.safetensors") - size("fp16.safetensors") >= 2 * factors - 1024   # 2 bytes saved per number
+
+
 def test_load_then_merge_unmerge(tiny_pair, tmp_path):
     ours, theirs = tiny_pair
     kohya_file(theirs, tmp_path / "lora.safetensors", select=("attentions",))

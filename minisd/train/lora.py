@@ -1,8 +1,6 @@
 """The course LoRA (chapter 13): `python -m minisd train lora --concept orange`, its evaluation and
 rank sweep."""
-import math
-
-from .unet import course_prompts, frozen_course_models, judge_course_unet
+from .unet import course_prompts, frozen_course_models, judge_course_unet, warmup_cosine
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -50,7 +48,7 @@ def encode_concept_data(vae, text_encoder, tokenizer, concept="orange", n_new=20
 
 def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alpha=None, steps=800, batch_size=32,
                lr=1e-2, seed=0, targets=LORA_TARGETS, only_cross=True, replay=0.25, drop=0.1, n_new=2000, n_old=4000,
-               late=0.0, progress=True, encoded=None):
+               progress=True, encoded=None):
     """Teach the course U-Net a colour it never saw with a LoRA (chapter 13); returns (unet, log).
 
     `unet` gets LoRALinear layers (rank, alpha) on the `targets` projections; everything
@@ -59,17 +57,14 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
     not forgotten) and the rest images of the new colour, drops 10 % of the captions to ""
     (as the base model trained, for guidance), and takes an AdamW step on SD's loss
     ||eps - eps_theta(x_t, t, c)||^2. The learning rate warms up for 5 % of the steps and
-    decays along a cosine. `late` is the fraction of each batch whose timesteps are drawn
-    from the noisier half [T/2, T) instead of all of [0, T) (diffusers' "timestep bias"
-    towards later steps: a colour is decided early in sampling, at high noise; on orange it
-    did not help: 43 % vs 45 % with late=0.5).
+    decays along a cosine (as chapter 9's loop).
     `encoded` takes `encode_concept_data`'s output to skip encoding. `log["loss"]` holds every
     step's loss.
     """
     import torch
     from tqdm import tqdm
     from .. import lora
-    from ..diffusion import NoiseSchedule, add_noise, drop_captions
+    from ..diffusion import drop_captions, training_loss
     if not 0.0 <= replay < 1.0:
         raise ValueError(f"replay is the fraction of old images per batch, in [0, 1), got {replay}")
     torch.manual_seed(seed)
@@ -83,10 +78,7 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
     n_old_batch = round(batch_size * replay)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(steps // 20, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
-    schedule = NoiseSchedule.sd15()
+    sched = warmup_cosine(opt, steps)
     index = {p: i for i, p in enumerate(prompts)}
     unet.train()
     log = {"loss": []}
@@ -95,15 +87,7 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="orange", rank=4, alp
         pick = torch.cat([new_idx[torch.randint(len(new_idx), (batch_size - n_old_batch,), generator=g)],
                           old_idx[torch.randint(len(old_idx), (n_old_batch,), generator=g)]])
         captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
-        x0 = latents[pick]
-        T = schedule.num_train_timesteps
-        t = torch.randint(0, T, (batch_size,), generator=g)
-        n_late = round(batch_size * late)
-        if n_late:
-            t[:n_late] = torch.randint(T // 2, T, (n_late,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        eps = unet(add_noise(x0, noise, t, schedule), t, contexts[[index[c] for c in captions]])
-        loss = torch.nn.functional.mse_loss(eps, noise)                 # SD's ||eps - eps_theta(x_t, t, c)||^2
+        loss = training_loss(unet, latents[pick], contexts[[index[c] for c in captions]], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,28 +148,15 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="orange", new_seed
 # dropout 0-0.5, timesteps biased late or early, batch 8 x 2400 steps.
 LORA_COURSE = {"steps": 800, "lr": 1e-2, "replay": 0.25, "targets": LORA_TARGETS, "only_cross": True}
 
-def _save_half(unet, path):
-    """lora.save with the factors in float16, as community LoRA files are (half the bytes)."""
-    from .. import lora
-    params = lora.trainable_parameters(unet)
-    keep = [p.data for p in params]
-    for p in params:
-        p.data = p.data.half()
-    try:
-        lora.save(unet, path)
-    finally:
-        for p, d in zip(params, keep):
-            p.data = d
-
-
 def _lora_size(unet_with_lora):
     """(bytes of the LoRA file that lora.save writes for this U-Net, its LoRA parameters)."""
     import os
     import tempfile
+    import torch
     from .. import lora
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "lora.safetensors")
-        _save_half(unet_with_lora, path)
+        lora.save(unet_with_lora, path, dtype=torch.float16)
         return os.path.getsize(path), lora.count_parameters(unet_with_lora)[0]
 
 
@@ -194,13 +165,12 @@ def lora_rank_sweep(ranks, concept="orange", steps=300, seed=0, progress=True, *
     new-concept and old-prompt accuracy (fewer seeds than the main evaluation), parameters and
     file size. Returns a list of dicts."""
     import time
-    from ..pipeline import _load_course_unet, COURSE_FILES
-    from .. import DATA_DIR
+    from ..unet import UNet
     vae, text_encoder, tokenizer = frozen_course_models()
     encoded = encode_concept_data(vae, text_encoder, tokenizer, concept, seed=seed)
     rows = []
     for rank in ranks:
-        unet = _load_course_unet(DATA_DIR / COURSE_FILES["unet"]).requires_grad_(False)
+        unet = UNet.course().requires_grad_(False)
         c0 = time.process_time()
         unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=seed,
                              encoded=encoded, progress=progress, **train_kwargs)
@@ -275,7 +245,8 @@ def _cli_lora_course(args, argv):
     from pathlib import Path
     import torch
     from .. import DATA_DIR, data, lora
-    from ..pipeline import COURSE_FILES, _load_course_unet
+    from ..pipeline import COURSE_FILES
+    from ..unet import UNet
     if args.concept not in data.NEW_COLOURS:
         raise SystemExit(f"--concept {args.concept!r} is not a colour the course data can draw but the base model "
                          f"never saw: choose one of {list(data.NEW_COLOURS)}")
@@ -286,20 +257,20 @@ def _cli_lora_course(args, argv):
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     unet_path = DATA_DIR / COURSE_FILES["unet"]
     vae, text_encoder, tokenizer = frozen_course_models()
-    base = _load_course_unet(unet_path).requires_grad_(False)
+    base = UNet.course(unet_path).requires_grad_(False)
     judge = lora_judge(args.concept)
     print("judging the base model ...", flush=True)
     before = evaluate_lora(base, vae, text_encoder, tokenizer, args.concept, judge=judge)
-    unet = _load_course_unet(unet_path)
+    unet = UNet.course(unet_path)
     t0, c0 = time.time(), time.process_time()
     unet, log = train_lora(unet, vae, text_encoder, tokenizer, args.concept, rank=args.rank, alpha=args.alpha,
                            steps=steps, batch_size=batch_size, lr=lr, seed=args.seed,
                            targets=LORA_COURSE["targets"], only_cross=LORA_COURSE["only_cross"],
                            replay=LORA_COURSE["replay"])
     wall, cpu = time.time() - t0, time.process_time() - c0
-    _save_half(unet, out)
+    lora.save(unet, out, dtype=torch.float16)   # float16, as community LoRA files are
     # evaluate what was written: the file loaded into a fresh copy of the base model
-    shipped = lora.load(_load_course_unet(unet_path), out).eval()
+    shipped = lora.load(UNet.course(unet_path), out).eval()
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
     evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "judge_palette": list(judge.colours),

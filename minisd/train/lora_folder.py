@@ -145,9 +145,8 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
     # base weights in the autocast dtype (the VAE stays float32); LoRA factors in float32
     pipe = StableDiffusion.from_pretrained(weights_path, device=device, dtype=amp_dtype)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    factor = vae.config.factor * 2 ** (len(unet.config.block_channels) - 1)
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for these weights")
+    if resolution % vae.config.factor:   # the VAE's factor: the U-Net takes any latent size
+        raise ValueError(f"--resolution {resolution} must be a multiple of {vae.config.factor} for these weights")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     torch.manual_seed(seed)                                   # the LoRA factors' initialisation

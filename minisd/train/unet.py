@@ -40,6 +40,15 @@ def encode_course_data(vae, text_encoder, tokenizer, n=8000, seed=0, batch_size=
     return latents, labels, contexts, prompts
 
 
+def warmup_cosine(opt, steps):
+    """The learning-rate schedule of the course's U-Net and LoRA training: a linear warm-up over
+    the first 5 % of the steps, then a cosine decay to 0 at `steps`."""
+    import torch
+    warmup = max(steps // 20, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+
+
 def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch_size=32, lr=4e-3,
                      drop=0.1, ema_decay=0.999, seed=0, progress=True):
     """SD's U-Net training loop (chapter 9) on precomputed latents; returns (unet, ema, log).
@@ -59,9 +68,7 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(steps // 20, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    sched = warmup_cosine(opt, steps)
     log = {"loss": []}
     bar = tqdm(range(steps), desc="unet", disable=not progress)
     for step in bar:
