@@ -21,6 +21,9 @@ NEW_COLOURS = {
     "orange": (255, 128, 0),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes the data can draw but the course models never trained on: chapter 13 teaches one to the
+# U-Net with a LoRA. Like NEW_COLOURS, only `sample(only=concept_combinations(...))` draws them.
+NEW_SHAPES = ("bar", "plus", "ring")
 # where the shape's centre sits, as a fraction of the image (x, y), y pointing down
 POSITIONS = {
     "in the top left": (0.25, 0.25),
@@ -46,16 +49,18 @@ def _rgb(colour):
     return COLOURS[colour] if colour in COLOURS else NEW_COLOURS[colour]
 
 
-def parse(text, new_colours=False):
+def parse(text, new=False):
     """Inverse of `caption`: (colour, shape, position), or a ValueError naming the grammar.
-    With `new_colours=True` the colours of NEW_COLOURS (chapter 13) are accepted too."""
-    colours = {**COLOURS, **NEW_COLOURS} if new_colours else COLOURS
+    With `new=True` the new colours and shapes of chapter 13 (NEW_COLOURS, NEW_SHAPES) are
+    accepted too."""
+    colours = {**COLOURS, **NEW_COLOURS} if new else COLOURS
+    shapes = SHAPES + NEW_SHAPES if new else SHAPES
     words = text.split(" ", 3)
-    if len(words) == 4 and words[0] == "a" and words[1] in colours and words[2] in SHAPES \
+    if len(words) == 4 and words[0] == "a" and words[1] in colours and words[2] in shapes \
             and words[3] in POSITIONS:
         return words[1], words[2], words[3]
     raise ValueError(f"{text!r} is not a course caption: expected 'a {{colour}} {{shape}} {{position}}' "
-                     f"with colour in {list(colours)}, shape in {list(SHAPES)}, position in {list(POSITIONS)}")
+                     f"with colour in {list(colours)}, shape in {list(shapes)}, position in {list(POSITIONS)}")
 
 
 def combinations():
@@ -75,13 +80,17 @@ def _held_out():
     return tuple(out)
 
 
-def concept_combinations(colour):
-    """The 3 x 5 = 15 (colour, shape, position) triples of one new colour (chapter 13's concept),
-    e.g. concept_combinations("orange"), in a fixed order."""
-    if colour not in NEW_COLOURS:
-        raise ValueError(f"{colour!r} is not a new colour: expected one of {list(NEW_COLOURS)} "
-                         f"(the course colours {list(COLOURS)} are in combinations())")
-    return [(colour, s, p) for s in SHAPES for p in POSITIONS]
+def concept_combinations(concept):
+    """The (colour, shape, position) triples of one new concept of chapter 13, in a fixed order:
+    a new shape (NEW_SHAPES) in the 6 course colours x 5 positions = 30, e.g.
+    concept_combinations("plus"), or a new colour (NEW_COLOURS) on the 3 course shapes x 5
+    positions = 15, e.g. concept_combinations("orange")."""
+    if concept in NEW_SHAPES:
+        return [(c, concept, p) for c in COLOURS for p in POSITIONS]
+    if concept in NEW_COLOURS:
+        return [(concept, s, p) for s in SHAPES for p in POSITIONS]
+    raise ValueError(f"{concept!r} is not a new concept: expected a shape of {list(NEW_SHAPES)} or a colour of "
+                     f"{list(NEW_COLOURS)} (the course's own words are in combinations())")
 
 
 # combinations the course U-Net never sees in training, to measure generalisation
@@ -104,7 +113,19 @@ def _shape_mask(shape, cx, cy, r, xs, ys):
         inside = (ys <= base) & (ys >= top)
         # the two slanted sides: |x - cx| <= half * (y - top) / (base - top)
         return inside & (np.abs(xs - cx) <= half * (ys - top) / (base - top))
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape == "bar":
+        # a flat rectangle, 2 x 1.25 r wide and 2 x 0.62 r high (about the circle's area)
+        return (np.abs(xs - cx) <= 1.25 * r) & (np.abs(ys - cy) <= 0.62 * r)
+    if shape == "plus":
+        # two bars crossing at the centre, each 2 x 1.1 r long and 2 x 0.38 r thick
+        arm, bar = 1.1 * r, 0.38 * r
+        dx, dy = np.abs(xs - cx), np.abs(ys - cy)
+        return ((dx <= arm) & (dy <= bar)) | ((dx <= bar) & (dy <= arm))
+    if shape == "ring":
+        # a circle of radius 1.1 r with a hole of radius 0.55 r
+        d2 = (xs - cx) ** 2 + (ys - cy) ** 2
+        return (d2 <= (1.1 * r) ** 2) & (d2 >= (0.55 * r) ** 2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NEW_SHAPES}")
 
 
 def _grid(size):
@@ -140,7 +161,8 @@ def sample(n, seed=0, size=SIZE, exclude=(), only=None):
     Returns (uint8 array (n, size, size, 3), list of n captions). `exclude` removes
     (colour, shape, position) triples from the draw (e.g. `HELD_OUT` for training);
     `only` restricts it to the given triples (e.g. `HELD_OUT` for testing, or
-    `concept_combinations("orange")` for a colour of NEW_COLOURS, which only `only` can draw).
+    `concept_combinations("plus")` for a shape of NEW_SHAPES or a colour of NEW_COLOURS, which
+    only `only` can draw).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -150,7 +172,8 @@ def sample(n, seed=0, size=SIZE, exclude=(), only=None):
     if not pool:
         raise ValueError("no (colour, shape, position) combination is left to draw from")
     for colour, shape, position in pool:
-        if (colour not in COLOURS and colour not in NEW_COLOURS) or shape not in SHAPES or position not in POSITIONS:
+        if (colour not in COLOURS and colour not in NEW_COLOURS) or (shape not in SHAPES and shape not in NEW_SHAPES) \
+                or position not in POSITIONS:
             raise ValueError(f"unknown combination {(colour, shape, position)!r}")
     rng = np.random.default_rng(seed)
     xs, ys = _grid(size)

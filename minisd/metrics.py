@@ -183,18 +183,19 @@ FOREGROUND = 0.4   # foreground: brightest channel above 40 % of full scale and 
 MIN_PIXELS = 10    # fewer foreground pixels than this: a blank canvas, judged (None, None, None)
 CROP = 16          # ShapeNet sees a CROP x CROP window centred on the shape
 JUDGE_FILE = "course_judge.safetensors"
+NEW_SHAPES_JUDGE_FILE = "course_judge_new_shapes.safetensors"  # knows data.SHAPES + data.NEW_SHAPES (chapter 13)
 
 
 class ShapeNet(nn.Module):
     """The judge's shape classifier: a (N, 1, 16, 16) brightness window centred on the shape
-    -> logits over data.SHAPES (N, 3). Colour-blind and position-blind by construction:
-    it can only learn the outline."""
+    -> logits over the judge's shapes (N, n_shapes; data.SHAPES, 3, by default).
+    Colour-blind and position-blind by construction: it can only learn the outline."""
 
-    def __init__(self):
+    def __init__(self, n_shapes=len(_data.SHAPES)):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.head = nn.Linear(16 * (CROP // 4) ** 2, len(_data.SHAPES))
+        self.head = nn.Linear(16 * (CROP // 4) ** 2, n_shapes)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 8, 8, 8)
@@ -246,28 +247,43 @@ class Judge:
       `train_judge`.
 
     `colours` ({name: (r, g, b)}, default data.COLOURS) is the palette the colour vote chooses
-    from; chapter 13 judges its new colour with `Judge.load(colours={**data.COLOURS,
-    **data.NEW_COLOURS})`. ShapeNet is colour-blind, so only the colour vote changes.
+    from; chapter 13 judges a new colour with `Judge.load(colours={**data.COLOURS,
+    **data.NEW_COLOURS})`. `shapes` names ShapeNet's outputs in order (default data.SHAPES);
+    a judge file records its own, so chapter 13's judge of new shapes
+    (`Judge.load(NEW_SHAPES_JUDGE_FILE)`) knows data.SHAPES + data.NEW_SHAPES.
     """
 
-    def __init__(self, net, colours=None):
+    def __init__(self, net, colours=None, shapes=None):
         self.net = net.eval()
         self.colours = dict(_data.COLOURS if colours is None else colours)
+        self.shapes = tuple(_data.SHAPES if shapes is None else shapes)
         if not self.colours:
             raise ValueError("the judge needs at least one colour to choose from")
+        if net.head.out_features != len(self.shapes):
+            raise ValueError(f"the ShapeNet has {net.head.out_features} outputs but {len(self.shapes)} shape names "
+                             f"were given ({self.shapes})")
 
     @classmethod
     def load(cls, path=None, colours=None):
+        """The judge in `path` (default data/course_judge.safetensors); its shapes are read from
+        the file's metadata (files without it know data.SHAPES)."""
+        import json
+        from safetensors import safe_open
         from safetensors.torch import load_file
         from . import DATA_DIR
         path = DATA_DIR / JUDGE_FILE if path is None else path
-        net = ShapeNet()
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        shapes = tuple(json.loads(meta["shapes"])) if "shapes" in meta else _data.SHAPES
+        net = ShapeNet(len(shapes))
         net.load_state_dict(load_file(str(path)))
-        return cls(net, colours)
+        return cls(net, colours, shapes)
 
     def save(self, path):
+        import json
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path))
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path),
+                  metadata={"shapes": json.dumps(list(self.shapes))})
 
     def __call__(self, images):
         rgb = np.asarray(images)
@@ -289,12 +305,12 @@ class Judge:
             votes = ((pix[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)        # (P,)
             colour = list(self.colours)[np.bincount(votes, minlength=len(palette)).argmax()]
             position = list(_data.POSITIONS)[int(((centres - centroids[i]) ** 2).sum(1).argmin())]
-            out.append((colour, _data.SHAPES[shapes[i]], position))
+            out.append((colour, self.shapes[shapes[i]], position))
         return out
 
     def accuracy(self, images, captions):
         """Fraction right per attribute, and for all three at once, against course captions."""
-        truth = [_data.parse(c, new_colours=True) for c in captions]
+        truth = [_data.parse(c, new=True) for c in captions]
         if len(truth) != len(images):
             raise ValueError(f"{len(images)} images but {len(truth)} captions")
         guess = self(images)
@@ -317,20 +333,25 @@ def _augment(x, g):
     return x.clamp(0, 1)
 
 
-def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True):
+def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True, shapes=None):
     """Train the judge's ShapeNet on real course images (chapters 9 and 12); minutes on 2 CPU cores.
 
     The images come from data.sample(n, seed) with data.HELD_OUT left out, so the judge has
     never seen the combinations used to measure generalisation. Saves to `path` if given
     (`data/course_judge.safetensors` ships the result of the defaults). Returns a Judge.
+    `shapes` (default data.SHAPES) may add shapes of data.NEW_SHAPES, drawn in all their
+    combinations as often as each course shape (chapter 13's judge, NEW_SHAPES_JUDGE_FILE).
     """
     from tqdm import tqdm
     torch.manual_seed(seed)
-    images, captions = _data.sample(n, seed=seed, exclude=_data.HELD_OUT)
+    shapes = tuple(_data.SHAPES if shapes is None else shapes)
+    pool = [c for c in _data.combinations() if c not in _data.HELD_OUT]
+    pool += [c for s in shapes if s not in _data.SHAPES for c in _data.concept_combinations(s)]
+    images, captions = _data.sample(n, seed=seed, only=pool)
     light, _, centroids = _look(images)
     x = _crops(light, centroids)                                                   # (n, 1, 16, 16)
-    y = torch.tensor([_data.SHAPES.index(_data.parse(c)[1]) for c in captions])
-    net = ShapeNet()
+    y = torch.tensor([shapes.index(_data.parse(c, new=True)[1]) for c in captions])
+    net = ShapeNet(len(shapes))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
@@ -344,7 +365,7 @@ def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    judge = Judge(net.eval())
+    judge = Judge(net.eval(), shapes=shapes)
     if path is not None:
         judge.save(path)
     return judge
