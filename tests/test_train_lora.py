@@ -1,4 +1,4 @@
-"""LoRA training (chapter 13): the new colour, the course trainer, and the real-SD trainer with
+"""LoRA training (chapter 13): the new shapes and colour, the course trainer, and the real-SD trainer with
 its distributed (gloo) and resumable runs, on tiny models."""
 import os
 import socket
@@ -28,11 +28,11 @@ def test_orange_is_drawable_but_not_a_course_colour():
     assert tuple(img[16, 16]) == (255, 128, 0)                        # the middle of the square: full colour
     images, captions = data.sample(20, seed=3, only=combos)
     assert all(c.startswith("a orange ") for c in captions)
-    with pytest.raises(ValueError, match="not a new colour"):
+    with pytest.raises(ValueError, match="not a new concept"):
         data.concept_combinations("red")
     with pytest.raises(ValueError, match="not a course caption"):
         data.parse("a orange circle in the center")                   # the course grammar is unchanged
-    assert data.parse("a orange circle in the center", new_colours=True) == ("orange", "circle", "in the center")
+    assert data.parse("a orange circle in the center", new=True) == ("orange", "circle", "in the center")
 
 
 def test_default_judge_is_unchanged_and_orange_judge_reads_real_orange():
@@ -49,6 +49,52 @@ def test_default_judge_is_unchanged_and_orange_judge_reads_real_orange():
     assert judge.accuracy(orange, orange_captions) == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
     # adding orange to the palette does not change the verdict on the old colours' real images
     assert judge(images) == default(images)
+
+
+def test_new_shapes_are_drawable_but_not_course_shapes():
+    assert data.NEW_SHAPES == ("bar", "plus", "ring") and not set(data.NEW_SHAPES) & set(data.SHAPES)
+    assert not any(s in data.NEW_SHAPES for _, s, _ in data.combinations())
+    combos = data.concept_combinations("bar")
+    assert len(combos) == 30 and len(set(combos)) == 30 and {s for _, s, _ in combos} == {"bar"}
+    assert {c for c, _, _ in combos} == set(data.COLOURS) and {p for _, _, p in combos} == set(data.POSITIONS)
+    # a bar is wider than high, about a circle's area; a plus leaves its corners empty; a ring its middle
+    bar = data.render("red", "bar", "in the center", size=64)[..., 0] > 127
+    rows, cols = np.nonzero(bar.any(axis=1))[0], np.nonzero(bar.any(axis=0))[0]
+    assert (cols[-1] - cols[0]) > 1.8 * (rows[-1] - rows[0])
+    circle = data.render("red", "circle", "in the center", size=64)[..., 0] > 127
+    assert abs(int(bar.sum()) - int(circle.sum())) < 0.05 * circle.sum()
+    plus = data.render("red", "plus", "in the center", size=64)[..., 0]
+    assert plus[32, 32] == 255 and plus[26, 26] == 0 and plus[32, 24] == 255
+    ring = data.render("green", "ring", "in the center", size=64)[..., 1]
+    assert ring[32, 32] == 0 and ring[32, 32 + 10] == 255
+    assert data.parse("a red bar in the top left", new=True) == ("red", "bar", "in the top left")
+    with pytest.raises(ValueError, match="not a course caption"):
+        data.parse("a red bar in the top left")
+    with pytest.raises(ValueError, match="unknown shape"):
+        data.render("red", "hexagon", "in the center")
+
+
+def test_new_shapes_judge_knows_six_shapes_and_reads_real_images():
+    judge = train.lora_judge("bar")
+    assert judge.shapes == data.SHAPES + data.NEW_SHAPES and judge.colours == data.COLOURS
+    for shape in data.NEW_SHAPES:
+        images, captions = data.sample(300, seed=11, only=data.concept_combinations(shape))
+        assert judge.accuracy(images, captions)["all"] >= 0.99, shape
+    images, captions = data.sample(300, seed=12)                        # the old shapes are still read right
+    assert judge.accuracy(images, captions)["all"] >= 0.99
+    # the course judge knows three shapes: a bar is something else to it, never "bar"
+    assert "bar" not in {g[1] for g in Judge.load()(data.sample(50, seed=1, only=data.concept_combinations("bar"))[0])}
+
+
+def test_judge_file_records_its_shapes(tmp_path):
+    from minisd.metrics import ShapeNet
+    judge = Judge(ShapeNet(4), shapes=("circle", "square", "triangle", "bar"))
+    judge.save(tmp_path / "j.safetensors")
+    assert Judge.load(tmp_path / "j.safetensors").shapes == ("circle", "square", "triangle", "bar")
+    with pytest.raises(ValueError, match="4 outputs but 3 shape names"):
+        Judge(ShapeNet(4), shapes=data.SHAPES)
+    with pytest.raises(ValueError, match="not a new concept"):
+        train.lora_judge("circle")
 
 
 # --- the course trainer on tiny models ---------------------------------------------------------
@@ -112,6 +158,34 @@ def test_shipped_orange_lora_is_small_and_logged():
     unet = minisd.StableDiffusion.course_model().unet
     lora.load(unet, path)
     assert sum(isinstance(m, lora.LoRALinear) for m in unet.modules()) > 0
+
+
+def test_shipped_bar_lora_teaches_bar_and_keeps_the_old_prompts():
+    import json
+    path = minisd.DATA_DIR / "course_lora_bar.safetensors"
+    log = json.loads((minisd.DATA_DIR / "course_lora_bar_log.json").read_text())
+    assert path.stat().st_size < 0.01 * (minisd.DATA_DIR / "course_unet.safetensors").stat().st_size
+    assert log["sizes"]["lora_bytes"] == path.stat().st_size and log["rank"] == 4
+    # judged here, not read from the log: the 30 bar prompts and 30 old ones, seed 5 (the log used 0-5)
+    judge = train.lora_judge("bar")
+    new = train.concept_prompts("bar")
+    old = [data.caption(*c) for c in data.combinations()][::3]
+    pipe = minisd.StableDiffusion.course_model()
+
+    def accuracy(prompts):
+        images = (pipe(prompts, seed=5, output_type="np", progress=False) * 255).round().astype(np.uint8)
+        return judge.accuracy(images, prompts)["all"]
+
+    base_new, base_old = accuracy(new), accuracy(old)
+    lora.load(pipe, path)
+    lora_new, lora_old = accuracy(new), accuracy(old)
+    assert base_new <= 0.1 and lora_new >= 0.8, (base_new, lora_new)
+    assert lora_old >= base_old - 0.05, (base_old, lora_old)
+
+
+def test_cli_rejects_a_word_that_is_no_new_concept(capsys):
+    with pytest.raises(SystemExit, match="choose a shape of .*'bar'"):
+        train.cli_lora(["--concept", "hexagon"])
 
 
 # --- the real-SD trainer: a tiny diffusers folder and a folder of captioned images ------------
