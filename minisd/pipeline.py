@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .diffusion import add_noise
-from .schedulers import SCHEDULERS, Euler, make_scheduler
+from .schedulers import SCHEDULERS, Euler, Scheduler, make_scheduler
 from .tokenizer import CLIPTokenizer
 
 # The course model's three checkpoints in data/, and the command that makes each one.
@@ -132,10 +132,13 @@ class StableDiffusion:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
                              "(20-50 is typical; the course model needs about 25)")
-        scheduler = self.scheduler if scheduler is None else scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}")
         guidance = self.guidance if guidance is None else float(guidance)
+        scheduler = self.scheduler if scheduler is None else scheduler
+        if isinstance(scheduler, Scheduler):       # a sampler object, e.g. schedulers.PNDM(order=2)
+            return prompts, negatives, steps, guidance, scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}, "
+                             "or pass a minisd.schedulers sampler object")
         return prompts, negatives, steps, guidance, make_scheduler(scheduler)
 
     def _check_size(self, height, width):

@@ -201,7 +201,17 @@ class PNDM(Scheduler):
     "transfer" x_t -> x_prev as DDIM. With skip_prk_steps (SD 1.5's config) it warms up with
     one Heun-like step: the second timestep repeats, and that step redoes the first jump with
     the average of two eps predictions. So n steps cost n + 1 U-Net calls.
+
+    `order` (default 4, PLMS and diffusers) caps the Adams-Bashforth order of the blend: 1 uses
+    the newest eps alone (a DDIM step after the warm-up), 2 and 3 the lower-order blends that
+    PLMS itself starts with. Chapter 10 uses it to find why PNDM fails with strong guidance.
     """
+
+    def __init__(self, schedule=NoiseSchedule.sd15(), order=4):
+        super().__init__(schedule)
+        if order not in (1, 2, 3, 4):
+            raise ValueError(f"order must be 1, 2, 3 or 4 (the Adams-Bashforth blends PLMS knows), got {order!r}")
+        self.order = order
 
     def set_timesteps(self, n):
         self._check_steps(n)
@@ -233,8 +243,10 @@ class PNDM(Scheduler):
         if self.counter == 2:  # the repeated timestep: redo the first jump with the mean eps
             return self._transfer(self.x_start, t + delta, t, (eps + self.eps_history[-1]) / 2)
         self.eps_history = self.eps_history[-3:] + [eps]
-        e = self.eps_history
-        if len(e) == 2:
+        e = self.eps_history[-self.order:]
+        if len(e) == 1:
+            eps = e[-1]
+        elif len(e) == 2:
             eps = (3 * e[-1] - e[-2]) / 2
         elif len(e) == 3:
             eps = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12

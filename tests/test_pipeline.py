@@ -137,6 +137,16 @@ def test_unknown_scheduler_lists_the_names(tiny):
         ours(PROMPTS[0], scheduler="k_lms", steps=1)
 
 
+def test_a_sampler_object_runs_like_its_name(tiny):
+    from minisd.schedulers import PNDM
+    _, ours, _ = tiny
+    by_name = ours(PROMPTS[0], scheduler="pndm", steps=3, seed=1, output_type="np", progress=False)
+    by_object = ours(PROMPTS[0], scheduler=PNDM(), steps=3, seed=1, output_type="np", progress=False)
+    other = ours(PROMPTS[0], scheduler=PNDM(order=1), steps=6, seed=1, output_type="np", progress=False)
+    plms = ours(PROMPTS[0], scheduler=PNDM(), steps=6, seed=1, output_type="np", progress=False)
+    assert np.array_equal(by_name, by_object) and not np.array_equal(other, plms)
+
+
 def test_fp16_on_cpu_says_what_to_use(tiny):
     _, _, folder = tiny
     with pytest.raises(ValueError, match="float16 on the CPU.*float32.*cuda"):

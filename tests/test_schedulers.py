@@ -86,6 +86,35 @@ def test_whole_run_equals_diffusers(name, n):
     assert x_ours.abs().max() < 5  # the run stayed at the data's scale on both sides
 
 
+def test_pndm_order_caps_the_blend():
+    from minisd.schedulers import PNDM
+    n = 10
+    # order 1: after the warm-up (the first three calls) every PLMS step is DDIM's step
+    plms1, ddim = PNDM(order=1), DDIM()
+    plms1.set_timesteps(n)
+    ddim.set_timesteps(n)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for k, t in enumerate(plms1.timesteps):
+        eps = fake_unet(x, t)
+        x_next = plms1.step(eps, t, x)
+        if k >= 3:
+            torch.testing.assert_close(x_next, ddim.step(eps, t, x), rtol=0, atol=1e-6)
+        x = x_next
+    # the default is PLMS's order 4 (what diffusers runs); lower orders give other runs
+    finals = {}
+    for order in (2, 3, 4):
+        s = PNDM(order=order)
+        s.set_timesteps(n)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps:
+            x = s.step(fake_unet(x, t), t, x)
+        finals[order] = x
+    assert PNDM().order == 4
+    assert not torch.equal(finals[2], finals[4]) and not torch.equal(finals[3], finals[4])
+    with pytest.raises(ValueError, match="order must be 1, 2, 3 or 4"):
+        PNDM(order=5)
+
+
 def test_ddim_with_eta_equals_diffusers():
     ours, theirs = DDIM(eta=1.0), reference("ddim")
     ours.set_timesteps(20)
