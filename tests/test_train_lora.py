@@ -186,6 +186,8 @@ def test_shipped_bar_lora_teaches_bar_and_keeps_the_old_prompts():
 def test_cli_rejects_a_word_that_is_no_new_concept(capsys):
     with pytest.raises(SystemExit, match="choose a shape of .*'bar'"):
         train.cli_lora(["--concept", "hexagon"])
+    with pytest.raises(SystemExit, match=r"--replay 1.5 .*\[0, 1\)"):
+        train.cli_lora(["--concept", "bar", "--replay", "1.5"])
 
 
 # --- the real-SD trainer: a tiny diffusers folder and a folder of captioned images ------------

@@ -268,6 +268,9 @@ def _cli_lora_course(args, argv):
     torch.set_num_threads(args.threads)
     steps, batch_size, lr = args.steps or LORA_COURSE["steps"], args.batch_size or 32, args.lr or LORA_COURSE["lr"]
     replay = LORA_COURSE["replay"] if args.replay is None else args.replay
+    if not 0.0 <= replay < 1.0:
+        raise SystemExit(f"--replay {replay} is the share of each batch that is old course images: give a number in "
+                         f"[0, 1), e.g. {LORA_COURSE['replay']}")
     out = Path(args.out) if args.out else DATA_DIR / f"course_lora_{args.concept}.safetensors"
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     unet_path = DATA_DIR / COURSE_FILES["unet"]
