@@ -269,14 +269,14 @@ class Judge:
         the file's metadata (files without it know data.SHAPES)."""
         import json
         from safetensors import safe_open
-        from safetensors.torch import load_file
         from . import DATA_DIR
         path = DATA_DIR / JUDGE_FILE if path is None else path
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
         shapes = tuple(json.loads(meta["shapes"])) if "shapes" in meta else _data.SHAPES
         net = ShapeNet(len(shapes))
-        net.load_state_dict(load_file(str(path)))
+        net.load_state_dict(state)
         return cls(net, colours, shapes)
 
     def save(self, path):
@@ -345,7 +345,7 @@ def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True
     from tqdm import tqdm
     torch.manual_seed(seed)
     shapes = tuple(_data.SHAPES if shapes is None else shapes)
-    pool = [c for c in _data.combinations() if c not in _data.HELD_OUT]
+    pool = [c for c in _data.combinations() if c not in _data.HELD_OUT and c[1] in shapes]
     pool += [c for s in shapes if s not in _data.SHAPES for c in _data.concept_combinations(s)]
     images, captions = _data.sample(n, seed=seed, only=pool)
     light, _, centroids = _look(images)

@@ -53,8 +53,30 @@ def encode_concept_data(vae, text_encoder, tokenizer, concept="bar", n_new=2000,
     return latents, labels, contexts, prompts, is_new
 
 
-def train_lora(unet, vae, text_encoder, tokenizer, concept="bar", rank=4, alpha=None, steps=1000, batch_size=32,
-               lr=1e-2, seed=0, targets=LORA_TARGETS, only_cross=True, replay=0.4, drop=0.1, n_new=2000, n_old=4000,
+# the course LoRA's recipe (`python -m minisd train lora` with no options, and train_lora's
+# defaults; chapter 13). Measured on "bar" (30 prompts x 6 seeds, DDIM 25, guidance 4, the
+# six-shape judge): base 0 %, this recipe 94 % with the old prompts at 100 % (base 100 %), in
+# about 120 CPU s (1 thread). With replay 0.25 and 800 steps: bar 94 % but old 93 %; replay 0.5:
+# old 100 % but bar 77 % (its colour drifts); lr 5e-3: 89 % / 94 %; LoRA on every attention
+# layer: 72 % / 68 %.
+# The same recipe family on the colour orange (data/course_lora_orange_log.json; replay 0.25, 800
+# steps): base 18 %, LoRA 49 %. The course VAE spreads orange's hue (its reconstructions: 97.7 %
+# judged orange, green/red 0.50 +- 0.11) and the U-Net's samples spread it about 3x wider
+# (+- 0.30), so half of them cross into red or yellow; ranks 1-16, more layers, lr, replay,
+# caption dropout and timestep bias all gave 37-57 %, 3000 steps 64 %.
+LORA_COURSE = {"steps": 1000, "lr": 1e-2, "replay": 0.4, "targets": LORA_TARGETS, "only_cross": True}
+
+
+def check_replay(replay):
+    """`replay`, the share of each LoRA batch that is old course images, must lie in [0, 1)."""
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"replay is the share of each batch that is old course images: give a number in [0, 1), "
+                         f"e.g. {LORA_COURSE['replay']}; got {replay}")
+
+
+def train_lora(unet, vae, text_encoder, tokenizer, concept="bar", rank=4, alpha=None, steps=LORA_COURSE["steps"],
+               batch_size=32, lr=LORA_COURSE["lr"], seed=0, targets=LORA_COURSE["targets"],
+               only_cross=LORA_COURSE["only_cross"], replay=LORA_COURSE["replay"], drop=0.1, n_new=2000, n_old=4000,
                progress=True, encoded=None):
     """Teach the course U-Net a shape or colour it never saw with a LoRA (chapter 13); returns (unet, log).
 
@@ -72,8 +94,7 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="bar", rank=4, alpha=
     from tqdm import tqdm
     from .. import lora
     from ..diffusion import drop_captions, training_loss
-    if not 0.0 <= replay < 1.0:
-        raise ValueError(f"replay is the fraction of old images per batch, in [0, 1), got {replay}")
+    check_replay(replay)
     torch.manual_seed(seed)
     latents, labels, contexts, prompts, is_new = encoded or encode_concept_data(
         vae, text_encoder, tokenizer, concept, n_new, n_old, seed)
@@ -145,18 +166,6 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=t
 
 
 
-# the course LoRA's recipe (`python -m minisd train lora` with no options, and train_lora's
-# defaults; chapter 13). Measured on "bar" (30 prompts x 6 seeds, DDIM 25, guidance 4, the
-# six-shape judge): base 0 %, this recipe 94 % with the old prompts at 100 % (base 100 %), in
-# about 120 CPU s (1 thread). With replay 0.25 and 800 steps: bar 94 % but old 93 %; replay 0.5:
-# old 100 % but bar 77 % (its colour drifts); lr 5e-3: 89 % / 94 %; LoRA on every attention
-# layer: 72 % / 68 %.
-# The same recipe family on the colour orange (data/course_lora_orange_log.json; replay 0.25, 800
-# steps): base 18 %, LoRA 49 %. The course VAE spreads orange's hue (its reconstructions: 97.7 %
-# judged orange, green/red 0.50 +- 0.11) and the U-Net's samples spread it about 3x wider
-# (+- 0.30), so half of them cross into red or yellow; ranks 1-16, more layers, lr, replay,
-# caption dropout and timestep bias all gave 37-57 %, 3000 steps 64 %.
-LORA_COURSE = {"steps": 1000, "lr": 1e-2, "replay": 0.4, "targets": LORA_TARGETS, "only_cross": True}
 
 def _lora_size(unet_with_lora):
     """(bytes of the LoRA file that lora.save writes for this U-Net, its LoRA parameters)."""
@@ -210,9 +219,10 @@ def cli_lora(argv):
                    "(data.NEW_COLOURS) to teach")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, update scale 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (course default 1000, real default 1000)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (course default {LORA_COURSE['steps']}, "
+                   "real default 1000)")
     p.add_argument("--batch-size", type=int, default=None, help="course default 32, real default 1 per process")
-    p.add_argument("--lr", type=float, default=None, help="course default 1e-2, real default 1e-4")
+    p.add_argument("--lr", type=float, default=None, help=f"course default {LORA_COURSE['lr']:g}, real default 1e-4")
     p.add_argument("--replay", type=float, default=None, help="course mode: the share of each batch that is old "
                    f"course images (default {LORA_COURSE['replay']})")
     p.add_argument("--seed", type=int, default=0)
@@ -268,9 +278,11 @@ def _cli_lora_course(args, argv):
     torch.set_num_threads(args.threads)
     steps, batch_size, lr = args.steps or LORA_COURSE["steps"], args.batch_size or 32, args.lr or LORA_COURSE["lr"]
     replay = LORA_COURSE["replay"] if args.replay is None else args.replay
-    if not 0.0 <= replay < 1.0:
-        raise SystemExit(f"--replay {replay} is the share of each batch that is old course images: give a number in "
-                         f"[0, 1), e.g. {LORA_COURSE['replay']}")
+    try:
+        check_replay(replay)                 # before the minutes of judging the base model
+    except ValueError as e:
+        raise SystemExit(f"error: --replay: {e}") from None
+    n_combos = len(data.concept_combinations(args.concept))
     out = Path(args.out) if args.out else DATA_DIR / f"course_lora_{args.concept}.safetensors"
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     unet_path = DATA_DIR / COURSE_FILES["unet"]
@@ -292,8 +304,7 @@ def _cli_lora_course(args, argv):
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
     evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "judge_palette": list(judge.colours),
-                  "new_prompts": f"the {len(data.concept_combinations(args.concept))} {args.concept} combinations "
-                                 "x 6 seeds",
+                  "new_prompts": f"the {n_combos} {args.concept} combinations x 6 seeds",
                   "old_prompts": "the 90 course combinations x 2 seeds",
                   "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},
                   "lora": {"new": as_float(after["new"]), "old": as_float(after["old"])},
@@ -318,7 +329,7 @@ def _cli_lora_course(args, argv):
         ranks = [int(r) for r in args.rank_sweep.split(",")]
         record["rank_sweep_steps"] = args.sweep_steps
         record["rank_sweep_note"] = (f"each rank trained {args.sweep_steps} steps (the main LoRA: {steps}), "
-                                     f"judged on {len(data.concept_combinations(args.concept))} new combinations x 3 seeds and 90 old x 1 seed")
+                                     f"judged on {n_combos} new combinations x 3 seeds and 90 old x 1 seed")
         record["rank_sweep"] = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed,
                                                batch_size=batch_size, lr=lr, targets=LORA_COURSE["targets"],
                                                only_cross=LORA_COURSE["only_cross"], replay=replay)
