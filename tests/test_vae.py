@@ -3,7 +3,7 @@ and at SD 1.5's; DiagonalGaussian, the config presets and weight loading behave 
 import pytest
 import torch
 
-from minisd import weights
+from minisd import checkpoint, weights
 from minisd.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 
@@ -109,7 +109,7 @@ def test_train_command_writes_a_loadable_checkpoint_with_its_scaling_factor(tmp_
     from minisd.train import main
     out = tmp_path / "vae.safetensors"
     assert main(["vae", "--steps", "3", "--disc-start", "2", "--out", str(out)]) == 0
-    vae = AutoencoderKL.course(out)
+    vae = checkpoint.load_checkpoint(out)
     from safetensors import safe_open
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
@@ -121,7 +121,7 @@ def test_train_command_writes_a_loadable_checkpoint_with_its_scaling_factor(tmp_
 def test_committed_course_vae_reconstructs_held_out_images():
     from minisd import losses
     from minisd.train import held_out_images
-    vae = AutoencoderKL.course()
+    vae = checkpoint.course_vae()
     x = held_out_images()
     with torch.no_grad():
         z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * vae.scaling_factor
