@@ -292,3 +292,34 @@ def test_seed_gives_the_same_noise_on_cuda(tiny):
     a = cpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     b = gpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     assert np.abs(a - b).max() < 1e-2  # TF32 convolutions on the GPU; other noise would differ by ~0.3
+
+
+def test_img2img_noises_through_the_samplers_own_add_noise(tiny):
+    """img2img's starting latents come from the sampler object it is given (its schedule, its
+    way of noising), not from the default schedule or a special case per class."""
+    from minisd.diffusion import NoiseSchedule
+    from minisd.schedulers import DDIM
+    _, ours, _ = tiny
+    calls = []
+
+    class Recording(DDIM):
+        def add_noise(self, x0, noise, t):
+            calls.append(int(t))
+            return super().add_noise(x0, noise, t)
+
+    init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=Recording(), seed=2, progress=False)
+    assert calls == [401]                 # DDIM's 5 steps 801 601 401 201 1; strength 0.6 runs the last 3
+    # a sampler on another noise schedule starts from latents noised on that schedule
+    a = ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=DDIM(NoiseSchedule.ddpm()), seed=2,
+                     guidance=1.0, output_type="latent", progress=False)
+    sched = DDIM(NoiseSchedule.ddpm())
+    sched.set_timesteps(5)
+    with torch.no_grad():
+        x0 = ours.vae.encode(2 * init - 1).sample(torch.Generator().manual_seed(2)) * ours.vae.scaling_factor
+        g = torch.Generator().manual_seed(2)
+        torch.randn(x0.shape, generator=g)            # the draw that sampled the posterior
+        start = sched.add_noise(x0, torch.randn(x0.shape, generator=g), sched.timesteps[2])
+        expected = minisd.pipeline.denoise(ours.unet, start, ours.encode_prompt([PROMPTS[0]]), sched,
+                                           sched.timesteps[2:])
+    torch.testing.assert_close(a, expected)

@@ -129,3 +129,15 @@ def test_committed_course_vae_reconstructs_held_out_images():
     assert z.shape[1:] == (4, 8, 8)
     assert 0.9 <= z.std().item() <= 1.1                      # the seed's rescaling worked
     assert losses.psnr(x, rec).mean().item() >= 28.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_posterior_sample_with_a_cpu_generator_on_cuda():
+    """A CPU generator samples a CUDA posterior (the noise is drawn on the generator's device,
+    then moved): the same seed gives the same latents on CPU and GPU."""
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    on_cpu = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(1))
+    on_gpu = DiagonalGaussian(moments.cuda()).sample(torch.Generator().manual_seed(1))
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)
