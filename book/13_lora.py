@@ -119,7 +119,7 @@ def sd15_unet():
 print(f"{'rank':>4} | {'course U-Net: LoRA params':>26} {'share':>7} | {'SD 1.5 U-Net: LoRA params':>26} "
       f"{'share':>7} {'fp16 file':>10} | cross-attn only (SD 1.5)")
 for rank in (1, 2, 4, 8, 16, 32, 64):
-    c_lora, c_base = lora_share(minisd.UNet.course, rank)
+    c_lora, c_base = lora_share(minisd.checkpoint.course_unet, rank)
     s_lora, s_base = lora_share(sd15_unet, rank)
     x_lora, _ = lora_share(sd15_unet, rank, only_cross=True)
     print(f"{rank:4d} | {c_lora:26,} {c_lora / c_base:7.2%} | {s_lora:26,} {s_lora / s_base:7.3%} "
