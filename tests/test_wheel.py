@@ -28,6 +28,14 @@ def _run(cmd, **kw):
     return result
 
 
+def _setuptools_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return tuple(int(p) for p in version("setuptools").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return (0,)
+
+
 def test_wheel_installs_and_generates(tmp_path):
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs git and a git checkout (the wheel is built from the committed tree)")
@@ -38,8 +46,10 @@ def test_wheel_installs_and_generates(tmp_path):
                              timeout=300, check=True)
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MINISD_DATA")}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-          str(src)], env=env, cwd=tmp_path)
+    # build with the installed setuptools when it is recent enough (no network), else in pip's isolation
+    isolation = [] if _setuptools_version() >= (77,) else ["--use-pep517"]
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *(isolation or ["--no-build-isolation"]), "-q",
+          "-w", str(tmp_path / "dist"), str(src)], env=env, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("minisd-*.whl"))
 
     # a fresh venv whose site-packages also sees this interpreter's dependencies (not its minisd)
