@@ -216,20 +216,22 @@ print(f"sample 1 with t=10 given per sample or as one number: max |diff| = {(eps
 # ## Loading weights without random initialisation
 #
 # Real weights come in diffusers' layout (`unet/diffusion_pytorch_model.safetensors` and
-# `unet/config.json`). `minisd.UNet.from_diffusers(folder)` reads the config with
+# `unet/config.json`). `minisd.weights.load_unet_folder(folder)` reads the config with
 # `UNetConfig.from_diffusers`, builds the model on the meta device, renames the 686 tensors
-# through the one key map in `minisd.weights` (`UNET_KEY_MAP`) and assigns them without a copy.
+# through the one names table in `minisd.weights` (`UNET_NAMES`: each place where our name differs
+# from diffusers', read one way to load and the other way to save) and assigns them without a copy.
 # Every key must map to a parameter of the same shape; otherwise the error names the key, both
 # shapes and the likely cause (an SD 2.x file has a 1024-wide text context).
 
 # %%
-from minisd.weights import UNET_KEY_MAP, unet_key
+from minisd.weights import UNET_NAMES, unet_diffusers_key, unet_key
 
-for pattern, replacement in UNET_KEY_MAP[:6]:
-    print(f"{pattern:40s} -> {replacement}")
+for theirs, ours in UNET_NAMES[:6]:
+    print(f"{theirs:28s} <-> {ours}")
 print("...")
 print(unet_key("down_blocks.1.resnets.0.conv_shortcut.weight"))
 print(unet_key("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weight"))
+print(unet_diffusers_key("up_blocks.3.attentions.2.block.ff.geglu.proj.weight"))
 
 # %% [markdown]
 # ## Speed: measured, not assumed
@@ -280,7 +282,7 @@ print(unet_key("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weig
 
 # %%
 from minisd import weights
-from minisd.benchmark import random_weights
+from minisd.weights import random_weights
 
 small = minisd.UNetConfig(block_channels=(64, 128, 256, 256))
 with torch.device("meta"):

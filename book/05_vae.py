@@ -167,7 +167,7 @@ print("kl     ", round(g.kl().item(), 2))
 # $4\times8\times8$. It is the same `AutoencoderKL` code with a smaller `VAEConfig`.
 
 # %%
-vae = AutoencoderKL.course()
+vae = minisd.checkpoint.course_vae()
 print(vae.config)
 images, captions = data.sample(6, seed=3, only=data.HELD_OUT)   # combinations it never trained on
 x = data.to_tensor(images)

@@ -38,9 +38,9 @@ import json
 
 import matplotlib.pyplot as plt
 import torch
-from minisd import DATA_DIR, data, losses
+from minisd import DATA_DIR, checkpoint, data, losses
 from minisd.train import held_out_images, held_out_psnr, train_vae_model
-from minisd.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from minisd.vae import DiagonalGaussian, VAEConfig
 
 torch.manual_seed(0)
 torch.set_num_threads(1)   # on a busy 2-core machine one thread per process runs faster
@@ -326,7 +326,7 @@ with safe_open(str(DATA_DIR / "course_vae.safetensors"), "pt") as f:
     meta = f.metadata()
 for k in ("command", "held_out_psnr_db", "scaling_factor", "rescaled_latent_std", "train_cpu_seconds"):
     print(f"{k:20s} {meta[k]}")
-vae = AutoencoderKL.course()
+vae = checkpoint.course_vae()
 test = held_out_images()
 print(f"held-out PSNR, recomputed now: {held_out_psnr(vae, test):.2f} dB on {len(test)} images "
       "of the 9 (colour, shape, position) combinations it never saw")

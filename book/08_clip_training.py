@@ -189,7 +189,7 @@ with safe_open(str(path), "pt") as f:
     meta = f.metadata()
 print("command:", meta["command"])
 print(f"file: {path.stat().st_size / 1e6:.1f} MB")
-clip = CLIP.course()
+clip = minisd.checkpoint.course_clip()
 print("learned scale e^t:", round(clip.scale().item(), 1))
 
 # %%

@@ -97,7 +97,7 @@ plt.show()
 # latent, which is what the U-Net sees, made visible.
 
 # %%
-vae = minisd.AutoencoderKL.course().requires_grad_(False)
+vae = minisd.checkpoint.course_vae().requires_grad_(False)
 images, captions = data.sample(3, seed=4, exclude=data.HELD_OUT)
 x0 = data.to_tensor(images)                                        # (3, 3, 32, 32) in [-1, 1]
 with torch.no_grad():
@@ -196,7 +196,7 @@ print(f"dropped: {many.count('') / len(many):.1%} of 10,000")
 # with a small `UNetConfig`: three levels (8x8, 4x4, 2x2), cross-attention at every level.
 
 # %%
-text_encoder = minisd.CLIPTextEncoder.course()
+text_encoder = minisd.checkpoint.course_text_encoder()
 tokenizer = minisd.CLIPTokenizer.sd15()
 config = train.course_unet_config(text_encoder.config.width)
 print(config)

@@ -47,11 +47,10 @@ from tqdm import tqdm
 
 import minisd
 from minisd import data, metrics
-from minisd.clip import CLIP
 
 torch.manual_seed(0)
 pipe = minisd.StableDiffusion.course_model()
-clip = CLIP.course()
+clip = minisd.checkpoint.course_clip()
 judge = metrics.Judge.load()
 
 # the reference set: 400 real course images and their captions

@@ -119,7 +119,7 @@ def sd15_unet():
 print(f"{'rank':>4} | {'course U-Net: LoRA params':>26} {'share':>7} | {'SD 1.5 U-Net: LoRA params':>26} "
       f"{'share':>7} {'fp16 file':>10} | cross-attn only (SD 1.5)")
 for rank in (1, 2, 4, 8, 16, 32, 64):
-    c_lora, c_base = lora_share(minisd.UNet.course, rank)
+    c_lora, c_base = lora_share(minisd.checkpoint.course_unet, rank)
     s_lora, s_base = lora_share(sd15_unet, rank)
     x_lora, _ = lora_share(sd15_unet, rank, only_cross=True)
     print(f"{rank:4d} | {c_lora:26,} {c_lora / c_base:7.2%} | {s_lora:26,} {s_lora / s_base:7.3%} "
@@ -253,7 +253,7 @@ print("shapes the judge saw for 'bar':", {s: seen.count(s) for s in sorted(set(s
 # runs for a few steps on a fresh copy of the U-Net, only to show what trains and what does not.
 
 # %%
-demo_unet = minisd.UNet.course()                                 # a fresh copy of the base U-Net
+demo_unet = minisd.checkpoint.course_unet()                      # a fresh copy of the base U-Net
 w0 = {k: v.clone() for k, v in demo_unet.state_dict().items()}
 demo_unet, demo_log = train.train_lora(demo_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, CONCEPT, rank=4,
                                        steps=20, n_new=256, n_old=256)
@@ -428,7 +428,7 @@ print(f"... {len(keys)} tensors, {len(keys) // 3} layers; {path.stat().st_size:,
 import diffusers
 from diffusers import StableDiffusionPipeline
 
-base_unet = minisd.UNet.course()
+base_unet = minisd.checkpoint.course_unet()
 theirs = diffusers.UNet2DConditionModel(**base_unet.config.to_diffusers()).eval()
 ours_sd = base_unet.state_dict()
 theirs.load_state_dict({k: ours_sd[minisd.weights.unet_key(k)] for k in theirs.state_dict()})

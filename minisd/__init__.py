@@ -1,14 +1,11 @@
 """minisd: Stable Diffusion 1.x rebuilt piece by piece, one module per chapter of the course."""
-from pathlib import Path
-import os
-
 __version__ = "0.1.0"
 
-# data/ beside the package holds the CLIP vocabulary and the course's trained checkpoints.
-DATA_DIR = Path(os.environ.get("MINISD_DATA", Path(__file__).resolve().parent.parent / "data"))
+# data/ holds the CLIP vocabulary and the course's trained checkpoints (minisd.paths says where).
+from .paths import DATA_DIR  # noqa: E402
 
 from . import data  # noqa: E402
-from . import embeddings, resnet, attention, unet, weights  # noqa: E402
+from . import embeddings, resnet, attention, unet  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 from . import tokenizer  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
@@ -18,6 +15,7 @@ from . import diffusion  # noqa: E402
 from . import schedulers  # noqa: E402
 from . import vae  # noqa: E402
 from .vae import AutoencoderKL, VAEConfig  # noqa: E402
+from . import weights, checkpoint  # noqa: E402
 from . import pipeline  # noqa: E402
 from .pipeline import StableDiffusion  # noqa: E402
 from . import lora, metrics  # noqa: E402

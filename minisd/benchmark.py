@@ -13,27 +13,25 @@ import math
 import multiprocessing
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from . import weights
+from .clip import CLIPTextConfig
+from .pipeline import StableDiffusion
+from .tokenizer import CLIPTokenizer
+from .unet import UNetConfig
+from .vae import VAEConfig
+from .weights import random_weights
 
-def random_weights(model, seed=0):
-    """Random weights for every tensor of `model` (may be on the meta device), under its own
-    keys: fan-in-scaled normal weights, norms near 1, small biases. Activations stay O(1)
-    through the 860M-parameter U-Net, and nothing is random-initialised twice."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, p in model.state_dict().items():
-        if p.ndim >= 2:
-            sd[key] = torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:]))
-        elif "norm" in key and key.endswith("weight"):
-            sd[key] = 1 + 0.1 * torch.randn(p.shape, generator=g)
-        else:
-            sd[key] = 0.1 * torch.randn(p.shape, generator=g)
-    return sd
+# diffusers and transformers are the reference; they come with the test extra
+MISSING_REFERENCE = ("python -m minisd benchmark compares minisd with diffusers and transformers, which are not "
+                     "installed: install the test extra with  pip install -e '.[test]'  (or pip install diffusers "
+                     "transformers)")
 
 
 def keep_freed_memory():
@@ -97,9 +95,8 @@ def _unet_load_and_step(side, folder, size, device, dtype, batch, context_dim):
     """In a fresh process: weight file -> ready model (seconds), then one step; peak memory."""
     device, dtype = torch.device(device), getattr(torch, dtype)
     if side == "minisd":
-        from .unet import UNet
         start = time.perf_counter()  # the clock starts after the library's import
-        model = UNet.from_diffusers(folder).to(device, dtype).eval()
+        model = weights.load_unet_folder(folder).to(device, dtype).eval()
         step = lambda x, t, c: model(x, t, c)  # noqa: E731
     else:
         from diffusers import UNet2DConditionModel
@@ -127,8 +124,6 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, keep_memory=F
     a smoke run), on the same random weights."""
     from diffusers import UNet2DConditionModel
 
-    from . import weights
-    from .unet import UNetConfig
 
     config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
     print(f"U-Net, {'tiny' if tiny else 'SD 1.5'} config, random weights, batch {batch}, {dtype}, {device}, "
@@ -201,7 +196,6 @@ def _pipeline_load(side, folder, device, dtype):
     """In a fresh process: a diffusers folder -> the three parts ready (seconds); peak memory."""
     device, dtype = torch.device(device), getattr(torch, dtype)
     if side == "minisd":
-        from .pipeline import StableDiffusion
         start = time.perf_counter()
         parts = StableDiffusion.from_pretrained(folder, device=device, dtype=dtype)
     else:
@@ -223,11 +217,6 @@ def bench_pipeline(device, dtype, sizes, repeats, tiny=False, keep_memory=False)
     import diffusers
     import transformers
 
-    from . import weights
-    from .clip import CLIPTextConfig
-    from .tokenizer import CLIPTokenizer
-    from .unet import UNetConfig
-    from .vae import VAEConfig
 
     unet_config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
     vae_config = VAEConfig.tiny() if tiny else VAEConfig.sd15()
@@ -270,8 +259,8 @@ def bench_pipeline(device, dtype, sizes, repeats, tiny=False, keep_memory=False)
     # under float16 diffusers keeps the VAE in float16 and upcasts it for each decode (force_upcast);
     # minisd keeps its own copy in float32
     # ours holds the very same tensors, renamed: no second copy of the weights
-    ours = weights.from_diffusers(unet.state_dict(), vae.state_dict(), text.state_dict(), unet_config, vae_config,
-                                  text_config, device=device, dtype=dt)
+    ours = StableDiffusion(*weights.from_diffusers(unet.state_dict(), vae.state_dict(), text.state_dict(),
+                                                   unet_config, vae_config, text_config, device=device, dtype=dt))
     theirs = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=None, unet=unet,
         scheduler=diffusers.PNDMScheduler.from_config(dict(
@@ -321,6 +310,12 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="the tiny config: a smoke run, not a benchmark")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print(f"error: {MISSING_REFERENCE}", file=sys.stderr)
+        return 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.dtype == "float16" and args.device == "cpu":

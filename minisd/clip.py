@@ -162,12 +162,6 @@ class CLIPTextEncoder(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
 
-    @classmethod
-    def course(cls, path=None):
-        """The course CLIP's text encoder (`python -m minisd train clip`, chapter 8), frozen, in eval
-        mode: the course U-Net (chapter 9) reads its (B, 77, 64) context from it."""
-        return CLIP.course(path).text.requires_grad_(False).eval()
-
     def forward(self, ids, skip=0):
         if ids.shape[1] > self.config.positions:
             raise ValueError(f"{ids.shape[1]} tokens but the text encoder has {self.config.positions} positions: "
@@ -248,13 +242,6 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
         self.image = ImageEncoder(config.image_size, config.image_channels, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
-
-    @classmethod
-    def course(cls, path=None):
-        """The course CLIP trained by `python -m minisd train clip` (data/course_clip.safetensors)."""
-        from . import DATA_DIR
-        from .weights import load_course_clip
-        return load_course_clip(path or DATA_DIR / "course_clip.safetensors")
 
     def encode_text(self, ids):
         """(B, 77) ids -> (B, embed_dim) unit vectors: the text encoder's output at the end token."""

@@ -6,12 +6,13 @@ Files are read and written in the kohya-ss format that community tools share:
 and `.alpha` (`lora_te_...` for the text encoder), so a LoRA trained here loads elsewhere and
 an SD 1.x LoRA from elsewhere loads here.
 """
-import re
-
 import torch
 from torch import nn
 
 from . import weights
+from .attention import CrossAttention, SelfAttention
+from .clip import CLIPTextEncoder
+from .unet import UNet
 
 
 class LoRALinear(nn.Module):
@@ -104,7 +105,11 @@ def _replace(module, path, new):
     setattr(module.get_submodule(parent) if parent else module, name, new)
 
 
-def inject(module, rank, alpha=None, targets=("to_q", "to_k", "to_v", "to_out"), only_cross=False,
+# The U-Net layers a LoRA wraps by default: the attention projections (chapter 13).
+TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def inject(module, rank, alpha=None, targets=TARGETS, only_cross=False,
            symmetric=False):
     """Wrap every Linear/Conv2d of `module` whose attribute name is in `targets` in a LoRALinear
     and freeze everything else (chapter 13). Returns {path: LoRALinear}.
@@ -115,7 +120,6 @@ def inject(module, rank, alpha=None, targets=("to_q", "to_k", "to_v", "to_out"),
     cross-attention layers (attn2, where the text comes in) and skips self-attention.
     `alpha` defaults to `rank` (update scale 1).
     """
-    from .attention import CrossAttention, SelfAttention
     module.requires_grad_(False)
     added = {}
     for path, layer in _layers(module):
@@ -163,44 +167,15 @@ def unmerge(module):
 
 # --- the kohya-ss file format ------------------------------------------------------------
 
-# Our U-Net module path -> diffusers', the inverse of weights.UNET_KEY_MAP for the layers a
-# LoRA can wrap (Linear and Conv2d). `_unet_names` checks every result against that map.
-UNET_PATH_TO_DIFFUSERS = [
-    (r"^mid_block\.resnet1\.", "mid_block.resnets.0."),
-    (r"^mid_block\.attention\.", "mid_block.attentions.0."),
-    (r"^mid_block\.resnet2\.", "mid_block.resnets.1."),
-    (r"\.downsample\.", ".downsamplers.0."),
-    (r"\.upsample\.", ".upsamplers.0."),
-    (r"\.gsc1\.conv$", ".conv1"),
-    (r"\.gsc2\.conv$", ".conv2"),
-    (r"\.time_proj$", ".time_emb_proj"),
-    (r"\.skip$", ".conv_shortcut"),
-    (r"\.block\.", ".transformer_blocks.0."),
-    (r"\.to_out$", ".to_out.0"),
-    (r"\.ff\.geglu\.proj$", ".ff.net.0.proj"),
-    (r"\.ff\.out$", ".ff.net.2"),
-    (r"^out\.conv$", "conv_out"),
-]
-
-
 def diffusers_path(path):
     """Our U-Net module path -> diffusers', e.g. 'down_blocks.0.attentions.0.block.attn1.to_out'
-    -> 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0'."""
-    for pattern, replacement in UNET_PATH_TO_DIFFUSERS:
-        path = re.sub(pattern, replacement, path)
-    return path
+    -> 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0' (weights.UNET_NAMES, read backwards)."""
+    return weights.unet_diffusers_key(path + ".weight").removesuffix(".weight")
 
 
 def _unet_names(unet):
     """{kohya name: our module path} for every layer of our U-Net a LoRA file can address."""
-    names = {}
-    for path, _ in _layers(unet):
-        theirs = diffusers_path(path)
-        if weights.unet_key(theirs + ".weight") != path + ".weight":   # the two maps must agree
-            raise RuntimeError(f"lora.UNET_PATH_TO_DIFFUSERS gives {theirs!r} for {path!r}, but weights.unet_key "
-                               "maps that back elsewhere: update one map to match the other")
-        names["lora_unet_" + theirs.replace(".", "_")] = path
-    return names
+    return {"lora_unet_" + diffusers_path(path).replace(".", "_"): path for path, _ in _layers(unet)}
 
 
 def _text_names(text_encoder):
@@ -212,8 +187,6 @@ def _text_names(text_encoder):
 
 def _parts(obj):
     """[(prefix, module, names)] for a pipeline (its unet and text_encoder), a U-Net, or a text encoder."""
-    from .clip import CLIPTextEncoder
-    from .unet import UNet
     if isinstance(obj, UNet):
         return [("lora_unet_", obj, _unet_names(obj))]
     if isinstance(obj, CLIPTextEncoder):
@@ -234,7 +207,6 @@ def save(obj, path, dtype=None):
     rank-2r LoRA: down = [down; init_down], up = [up, -init_up], alpha doubled.
     `scale` is not written (it is a setting of the loader, as in other tools).
     """
-    from safetensors.torch import save_file
     out = {}
     for _, module, names in _parts(obj):
         ours_to_kohya = {p: k for k, p in names.items()}
@@ -252,7 +224,7 @@ def save(obj, path, dtype=None):
             out[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     if not out:
         raise ValueError("nothing to save: the model holds no LoRA layers (call lora.inject first)")
-    save_file(out, str(path), metadata={"ss_network_module": "networks.lora"})
+    weights.save_file(out, path, metadata={"ss_network_module": "networks.lora"})
 
 
 def _cause(file_shape):

@@ -178,6 +178,7 @@ from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import data as _data  # noqa: E402
+from . import paths  # noqa: E402
 
 FOREGROUND = 0.4   # foreground: brightest channel above 40 % of full scale and above half the image's peak
 MIN_PIXELS = 10    # fewer foreground pixels than this: a blank canvas, judged (None, None, None)
@@ -269,8 +270,7 @@ class Judge:
         the file's metadata (files without it know data.SHAPES)."""
         import json
         from safetensors import safe_open
-        from . import DATA_DIR
-        path = DATA_DIR / JUDGE_FILE if path is None else path
+        path = paths.DATA_DIR / JUDGE_FILE if path is None else path
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}

@@ -17,12 +17,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .diffusion import add_noise
-from .schedulers import SCHEDULERS, Euler, Scheduler, make_scheduler
+from . import checkpoint, weights
+from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
+from .schedulers import SCHEDULERS, Scheduler, make_scheduler
 from .tokenizer import CLIPTokenizer
 
-# The course model's three checkpoints in data/, and the command that makes each one.
-COURSE_FILES = {"vae": "course_vae.safetensors", "clip": "course_clip.safetensors", "unet": "course_unet.safetensors"}
+
+def denoise(unet, latents, context, sched, timesteps=None, guidance=None, generator=None, progress=False):
+    """The sampling loop (chapter 10), shared by the pipeline and the trainers' evaluation.
+
+    Per timestep one U-Net call and one sampler step. With `guidance` (classifier-free
+    guidance), `context` is [uncond; cond] (2B, 77, D): the U-Net runs once on [x; x] and the
+    noise is eps_u + guidance (eps_c - eps_u). With guidance=None, `context` is cond alone.
+    `timesteps` defaults to all of the sampler's (img2img starts part-way)."""
+    timesteps = sched.timesteps if timesteps is None else timesteps
+    for t in tqdm(timesteps, disable=not progress, desc="sampling"):
+        x = latents if guidance is None else torch.cat([latents, latents])
+        eps = unet(sched.scale_model_input(x, t), t, context)
+        if guidance is not None:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = sched.step(eps, t, latents, generator=generator)
+    return latents
 
 
 class StableDiffusion:
@@ -55,7 +71,6 @@ class StableDiffusion:
         config.json) or one original single file (.safetensors, or .ckpt read with
         torch.load(weights_only=True)). Tensors go straight to `device` and `dtype`; in float16
         the VAE stays in float32, where SD's VAE cannot overflow."""
-        from . import weights
         device = torch.device(device)
         _check_device_dtype(device, dtype)
         path = Path(path)
@@ -63,31 +78,28 @@ class StableDiffusion:
             raise FileNotFoundError(f"no weights at {path}: pass a diffusers folder (with unet/, vae/ and "
                                     "text_encoder/) or one SD 1.x .safetensors/.ckpt file")
         if path.is_dir():
-            return weights.from_diffusers_folder(path, device=device, dtype=dtype)
-        return weights.from_original(weights.load_state_dict(path, device), source=str(path), device=device, dtype=dtype)
+            return cls(*weights.from_diffusers_folder(path, device=device, dtype=dtype))
+        return cls(*weights.from_original(weights.load_state_dict(path, device), source=str(path), device=device,
+                                          dtype=dtype))
 
     @classmethod
     def course_model(cls, device="cpu", dtype=torch.float32):
         """The small model this course trains (32x32 coloured shapes), from the checkpoints in
-        data/; runs on a CPU in well under a second per image. Its defaults: 25 DDIM steps at
-        guidance 4, the settings chapter 10 found best. `dtype` as in `from_pretrained` (the VAE
-        stays in float32 under float16)."""
+        data/; runs on a CPU in well under a second per image. Its defaults (sampler, steps,
+        guidance: the settings chapter 10 found best) are read from the U-Net checkpoint's
+        metadata. `dtype` as in `from_pretrained` (the VAE stays in float32 under float16)."""
         device = torch.device(device)
         _check_device_dtype(device, dtype)
-        from . import DATA_DIR
-        from .clip import CLIPTextEncoder
-        from .unet import UNet
-        from .vae import AutoencoderKL
-        for part, name in COURSE_FILES.items():
-            if not (DATA_DIR / name).exists():
-                raise FileNotFoundError(f"the course model needs {DATA_DIR / name}, which does not exist yet: "
-                                        f"make it with `python -m minisd train {part}` (train vae, clip, unet "
-                                        "in that order)")
-        vae = AutoencoderKL.course(DATA_DIR / COURSE_FILES["vae"]).to(
-            device, torch.float32 if dtype == torch.float16 else dtype)
-        text_encoder = CLIPTextEncoder.course(DATA_DIR / COURSE_FILES["clip"]).to(device, dtype)
-        unet = UNet.course(DATA_DIR / COURSE_FILES["unet"]).to(device, dtype)
-        return cls(unet, vae, text_encoder, steps=25, guidance=4.0, scheduler="ddim")
+        files = {part: checkpoint.course_path(part) for part in checkpoint.COURSE_FILES}
+        vae = checkpoint.course_vae(files["vae"]).to(device, torch.float32 if dtype == torch.float16 else dtype)
+        text_encoder = checkpoint.course_text_encoder(files["clip"]).to(device, dtype)
+        unet = checkpoint.course_unet(files["unet"]).to(device, dtype)
+        sampling = checkpoint.sampling_settings(files["unet"])
+        if sampling is None:
+            raise weights.WeightsError(f"{files['unet']} stores no sampling settings: re-make it with "
+                                       "`python -m minisd train unet`")
+        return cls(unet, vae, text_encoder, steps=sampling["steps"], guidance=sampling["guidance"],
+                   scheduler=sampling["sampler"])
 
     @property
     def device(self):
@@ -160,18 +172,6 @@ class StableDiffusion:
             return cond
         return torch.cat([self.encode_prompt(negatives), cond])  # (2B, 77, D)
 
-    def _denoise(self, latents, context, sched, timesteps, guidance, generator, progress):
-        """The sampling loop: one U-Net call per timestep on [uncond, cond], guidance, a sampler step."""
-        cfg = guidance > 1.0
-        for t in tqdm(timesteps, disable=not progress, desc="sampling"):
-            x = torch.cat([latents, latents]) if cfg else latents
-            eps = self.unet(sched.scale_model_input(x, t), t, context)
-            if cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = sched.step(eps, t, latents, generator=generator)
-        return latents
-
     def _output(self, latents, output_type):
         if output_type == "latent":
             return latents
@@ -208,7 +208,8 @@ class StableDiffusion:
                              f"{height}x{width} need {shape}")
         sched.set_timesteps(steps)
         latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
-        latents = self._denoise(latents, context, sched, sched.timesteps, guidance, generator, progress)
+        latents = denoise(self.unet, latents, context, sched, None, guidance if guidance > 1.0 else None,
+                          generator, progress)
         return self._output(latents, output_type)
 
     # --- image to image -------------------------------------------------------------------
@@ -237,18 +238,12 @@ class StableDiffusion:
         timesteps = sched.timesteps[start:]
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode((2 * pixels - 1).to(self.device, vae_dtype))   # [0, 1] -> [-1, 1]
-        eps = torch.randn(posterior.mean.shape, generator=generator, dtype=vae_dtype).to(self.device)
-        x0 = (posterior.mean + posterior.std * eps) * self.vae.scaling_factor     # a sample, as diffusers
-        x0 = x0.to(self.dtype)
+        x0 = (posterior.sample(generator) * self.vae.scaling_factor).to(self.dtype)  # a sample, as diffusers
         if len(timesteps) == 0:
             return self._output(x0, output_type)
-        noise = self._noise(x0.shape, generator)
-        t = timesteps[0]
-        if isinstance(sched, Euler):  # Euler's samples live at x0 + sigma * noise
-            latents = x0 + sched.sigmas[int((sched.timesteps == t).nonzero()[0])] * noise
-        else:
-            latents = add_noise(x0, noise, t.repeat(len(x0)).to(self.device))
-        latents = self._denoise(latents, context, sched, timesteps, guidance, generator, progress)
+        latents = sched.add_noise(x0, self._noise(x0.shape, generator), timesteps[0])  # each sampler its own way
+        latents = denoise(self.unet, latents, context, sched, timesteps, guidance if guidance > 1.0 else None,
+                          generator, progress)
         return self._output(latents, output_type)
 
 

@@ -17,7 +17,7 @@ steps), "linspace" for Euler and DPM-Solver++ (999 ... 0 and 999 ... 20).
 import numpy as np
 import torch
 
-from .diffusion import NoiseSchedule
+from .diffusion import NoiseSchedule, add_noise
 
 STEPS_OFFSET = 1  # SD 1.5's config: "leading" timesteps start at 1, not 0
 
@@ -36,6 +36,13 @@ class Scheduler:
     def scale_model_input(self, x, t):
         """What the U-Net is given at step t (only Euler rescales its input)."""
         return x
+
+    def add_noise(self, x0, noise, t):
+        """x0 noised to timestep t where this sampler's samples live (img2img's start): here
+        sqrt(abar_t) x0 + sqrt(1 - abar_t) noise on this sampler's own schedule, as diffusers'
+        DDPM/DDIM/PNDM/DPM-Solver schedulers; Euler overrides it."""
+        t = torch.as_tensor(t).reshape(-1).to(x0.device).expand(len(x0))
+        return add_noise(x0, noise, t, self.schedule)
 
     def _check_steps(self, n):
         if not isinstance(n, int) or not 1 <= n <= self.num_train_timesteps:
@@ -140,6 +147,10 @@ class Euler(Scheduler):
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n + 1,), ends at 0
         self.timesteps = torch.from_numpy(t)
         self.init_noise_sigma = self.sigmas.max()
+
+    def add_noise(self, x0, noise, t):
+        """Euler's samples live at x0 + sigma_t noise (diffusers' EulerDiscreteScheduler.add_noise)."""
+        return x0 + self.sigmas[self._index(t)].to(x0.device, x0.dtype) * noise
 
     def scale_model_input(self, x, t):
         sigma = self.sigmas[self._index(t)]

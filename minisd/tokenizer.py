@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from . import paths
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Unicode's White_Space characters: the ones transformers' `\s+` turns into a single space
 WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
@@ -82,8 +84,7 @@ class CLIPTokenizer:
     @classmethod
     def sd15(cls, clean=None):
         """SD 1.x's tokenizer: CLIP ViT-L/14's vocabulary, from data/."""
-        from . import DATA_DIR
-        return cls(DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean)
+        return cls(paths.DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean)
 
     @property
     def vocab_size(self):

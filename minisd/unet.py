@@ -6,7 +6,7 @@ UpBlock and CrossAttnUpBlocks that concatenates the encoder's skip features on c
 code with small numbers.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -91,6 +91,15 @@ class UNetConfig:
                    heads=heads, layers_per_block=layers, context_dim=context,
                    groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
                    sample_size=size if isinstance(size, int) else size[0])
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text):
+        d = json.loads(text)
+        return cls(**{f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
+                      for f in fields(cls) if f.name in d})
 
     def to_diffusers(self):
         """The same architecture as keyword arguments of diffusers' UNet2DConditionModel
@@ -258,43 +267,6 @@ class UNet(nn.Module):
             self.up_blocks.append(block)
 
         self.out = GSC(ch[0], c.out_channels, c.groups, c.norm_eps)
-
-    @classmethod
-    def course(cls, path=None):
-        """The course U-Net trained by `python -m minisd train unet` (chapter 9), from
-        data/course_unet.safetensors; its config is read from the file's metadata."""
-        from safetensors import safe_open
-        from . import DATA_DIR
-        from .weights import WeightsError, load_into, load_state_dict
-        path = Path(DATA_DIR / "course_unet.safetensors" if path is None else path)
-        if not path.exists():
-            raise FileNotFoundError(f"no course U-Net at {path}: train one with `python -m minisd train unet`")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "config" not in meta:
-            raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
-                               "`python -m minisd train unet` (for a diffusers U-Net use UNet.from_diffusers)")
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
-        with torch.device("meta"):
-            unet = cls(UNetConfig(**config))
-        return load_into(unet, load_state_dict(path), str(path)).eval()
-
-    @classmethod
-    def from_diffusers(cls, folder):
-        """Load a diffusers U-Net folder (`config.json` + `diffusion_pytorch_model.safetensors`,
-        or the pipeline folder holding `unet/`) without random initialisation."""
-        from .weights import load_unet
-        folder = Path(folder)
-        if (folder / "unet" / "config.json").exists():
-            folder = folder / "unet"
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"no config.json in {folder}: pass a diffusers unet/ folder or the pipeline "
-                                    "folder that holds it")
-        files = [folder / f"diffusion_pytorch_model{ext}" for ext in (".safetensors", ".bin")]
-        weights = next((f for f in files if f.exists()), None)
-        if weights is None:
-            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
-        return load_unet(weights, UNetConfig.from_diffusers(folder / "config.json"))
 
     def forward(self, x, t, context):
         B = x.shape[0]

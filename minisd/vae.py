@@ -100,9 +100,11 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):
-        """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation trick)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation trick). eps is drawn on
+        the generator's device (a CPU generator gives the same latents on any device)."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self):
         """The most likely latents: the mean (what SD's img2img and our training targets use)."""
@@ -237,10 +239,3 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"decode expects latents (B, {self.config.latent_channels}, h, w), "
                              f"got shape {tuple(latents.shape)}")
         return self.decoder(self.post_quant_conv(latents))
-
-    @classmethod
-    def course(cls, path=None):
-        """The course VAE trained by `python -m minisd train vae`, from data/course_vae.safetensors."""
-        from . import DATA_DIR
-        from .weights import load_course_vae
-        return load_course_vae(path or DATA_DIR / "course_vae.safetensors")

@@ -3,11 +3,25 @@
 Every tensor of a file is either used or named as ignored, every shape is checked, and a
 mismatch raises an error that names the file, the key, both shapes and the likely cause.
 Models that are about to receive weights are built on the meta device (no random init).
+
+This module sits above the models (unet, vae, clip) and below the pipeline: it builds models
+and fills them, and returns the three parts of a pipeline as `Components`; the pipeline
+wraps them. One table per format names what differs from diffusers (`UNET_NAMES`,
+`VAE_NAMES`): both directions, and the kohya names of `minisd.lora`, are computed from it.
 """
+import json
+import math
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from .clip import CLIPTextConfig, CLIPTextEncoder
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
 
 
 class WeightsError(ValueError):
@@ -43,6 +57,21 @@ def load_state_dict(path, device="cpu"):
     return sd
 
 
+def save_file(tensors, path, metadata=None):
+    """safetensors' save_file, written atomically: into a temporary file in the same folder,
+    then renamed over `path`, so a crash or a full disk never leaves half a file behind."""
+    from safetensors.torch import save_file as _save
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        _save({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def load_into(model, state_dict, source="state dict"):
     """Check a state dict already renamed to our keys against `model` (built on the meta
     device) and load it with assign=True, so the model holds the file's tensors, uncopied.
@@ -71,38 +100,83 @@ def load_into(model, state_dict, source="state dict"):
     return model
 
 
-# --- U-Net: diffusers keys -------------------------------------------------------------
+# --- diffusers keys: one table per model, read both ways ---------------------------------
 
-# diffusers' name -> ours, applied in order to each key of `unet/diffusion_pytorch_model.*`.
-# Most names are the same (conv_in, time_embedding.linear_1, down_blocks.0.attentions.1.proj_in,
-# ...); these are the places where ours follow the seed's structure instead.
-UNET_KEY_MAP = [
-    (r"^mid_block\.resnets\.0\.", "mid_block.resnet1."),          # ResNetBlock + SpatialTransformer
-    (r"^mid_block\.attentions\.0\.", "mid_block.attention."),     #   + ResNetBlock
-    (r"^mid_block\.resnets\.1\.", "mid_block.resnet2."),
-    (r"\.downsamplers\.0\.", ".downsample."),
-    (r"\.upsamplers\.0\.", ".upsample."),
-    (r"(resnets\.\d+|resnet[12])\.norm1\.", r"\1.gsc1.norm."),  # ResNetBlock = GSC, + temb, GSC, + skip
-    (r"(resnets\.\d+|resnet[12])\.conv1\.", r"\1.gsc1.conv."),
-    (r"(resnets\.\d+|resnet[12])\.time_emb_proj\.", r"\1.time_proj."),
-    (r"(resnets\.\d+|resnet[12])\.norm2\.", r"\1.gsc2.norm."),
-    (r"(resnets\.\d+|resnet[12])\.conv2\.", r"\1.gsc2.conv."),
-    (r"(resnets\.\d+|resnet[12])\.conv_shortcut\.", r"\1.skip."),
-    (r"\.transformer_blocks\.0\.", ".block."),                    # one BasicTransformerBlock in SD 1.x
-    (r"\.to_out\.0\.", ".to_out."),                               # to_out.1 is a Dropout, no weights
-    (r"\.ff\.net\.0\.proj\.", ".ff.geglu.proj."),
-    (r"\.ff\.net\.2\.", ".ff.out."),
-    (r"^conv_norm_out\.", "out.norm."),                              # the output GSC
-    (r"^conv_out\.", "out.conv."),
+# Most of our names are diffusers' (conv_in, time_embedding.linear_1, down_blocks.0.attentions.1
+# .proj_in, ...); these are the places where ours follow the seed's structure instead. Each
+# entry is (diffusers' piece, ours), where "^" anchors a piece at the start of the key and "<R>"
+# stands for the path of a ResNetBlock, kept as it is. Read top to bottom either way: a
+# diffusers key -> ours with `to_ours`, ours -> diffusers' with `to_diffusers`.
+UNET_NAMES = [
+    ("^mid_block.resnets.0.", "^mid_block.resnet1."),      # ResNetBlock + SpatialTransformer
+    ("^mid_block.attentions.0.", "^mid_block.attention."),  #   + ResNetBlock
+    ("^mid_block.resnets.1.", "^mid_block.resnet2."),
+    (".downsamplers.0.", ".downsample."),
+    (".upsamplers.0.", ".upsample."),
+    ("<R>.norm1.", "<R>.gsc1.norm."),                     # ResNetBlock = GSC, + temb, GSC, + skip
+    ("<R>.conv1.", "<R>.gsc1.conv."),
+    ("<R>.time_emb_proj.", "<R>.time_proj."),
+    ("<R>.norm2.", "<R>.gsc2.norm."),
+    ("<R>.conv2.", "<R>.gsc2.conv."),
+    ("<R>.conv_shortcut.", "<R>.skip."),
+    (".transformer_blocks.0.", ".block."),                # one BasicTransformerBlock in SD 1.x
+    (".to_out.0.", ".to_out."),                           # to_out.1 is a Dropout, no weights
+    (".ff.net.0.proj.", ".ff.geglu.proj."),
+    (".ff.net.2.", ".ff.out."),
+    ("^conv_norm_out.", "^out.norm."),                    # the output GSC
+    ("^conv_out.", "^out.conv."),
 ]
+# The VAE's blocks keep diffusers' names (encoder.down_blocks.0.resnets.1, decoder.up_blocks.2,
+# ...); inside them ours follow chapter 2's modules. quant_conv/post_quant_conv keep their names.
+VAE_NAMES = [
+    (".downsamplers.0.", ".downsample."),
+    (".upsamplers.0.", ".upsample."),
+    (".mid_block.attentions.0.group_norm.", ".mid_block.attention.norm."),  # SpatialSelfAttention
+    (".mid_block.attentions.0.to_out.0.", ".mid_block.attention.to_out."),
+    (".mid_block.attentions.0.", ".mid_block.attention."),
+    (".norm1.", ".gsc1.norm."),                           # ResNetBlock = GSC, GSC, + skip
+    (".conv1.", ".gsc1.conv."),
+    (".norm2.", ".gsc2.norm."),
+    (".conv2.", ".gsc2.conv."),
+    (".conv_shortcut.", ".skip."),
+    ("^<P>.conv_norm_out.", "^<P>.out.norm."),            # the output GSC of encoder and decoder
+    ("^<P>.conv_out.", "^<P>.out.conv."),
+]
+_PLACEHOLDERS = {"R": r"resnets\.\d+|resnet[12]", "P": "encoder|decoder"}
 
 
-def unet_key(key):
-    """One diffusers U-Net key -> ours, e.g. 'down_blocks.0.resnets.0.norm1.weight' ->
-    'down_blocks.0.resnets.0.gsc1.norm.weight'."""
-    for pattern, replacement in UNET_KEY_MAP:
-        key = re.sub(pattern, replacement, key)
-    return key
+def _rules(table, inverse):
+    """A names table -> [(compiled pattern, replacement)] from diffusers' names to ours, or back."""
+    rules = []
+    for theirs, ours in table:
+        source, target = (ours, theirs) if inverse else (theirs, ours)
+        pattern = "^" if source.startswith("^") else ""
+        for part in re.split(r"(<\w>)", source.lstrip("^")):
+            pattern += f"(?P<{part[1]}>{_PLACEHOLDERS[part[1]]})" if part[:1] == "<" else re.escape(part)
+        rules.append((re.compile(pattern), re.sub(r"<(\w)>", r"\\g<\1>", target.lstrip("^"))))
+    return rules
+
+
+def _renamer(table, inverse):
+    rules = _rules(table, inverse)
+
+    def rename(key):
+        for pattern, replacement in rules:
+            key = pattern.sub(replacement, key)
+        return key
+    return rename
+
+
+unet_key = _renamer(UNET_NAMES, inverse=False)
+unet_key.__doc__ = """One diffusers U-Net key -> ours, e.g. 'down_blocks.0.resnets.0.norm1.weight' ->
+'down_blocks.0.resnets.0.gsc1.norm.weight'."""
+unet_diffusers_key = _renamer(UNET_NAMES, inverse=True)
+unet_diffusers_key.__doc__ = """One of our U-Net keys -> diffusers', the inverse of `unet_key`."""
+vae_key = _renamer(VAE_NAMES, inverse=False)
+vae_key.__doc__ = """One diffusers VAE key -> ours, e.g. 'encoder.down_blocks.0.downsamplers.0.conv.weight'
+-> 'encoder.down_blocks.0.downsample.conv.weight'."""
+vae_diffusers_key = _renamer(VAE_NAMES, inverse=True)
+vae_diffusers_key.__doc__ = """One of our VAE keys -> diffusers', the inverse of `vae_key`."""
 
 
 def unet_from_diffusers(state_dict):
@@ -110,44 +184,21 @@ def unet_from_diffusers(state_dict):
     return {unet_key(k): v for k, v in state_dict.items()}
 
 
+def unet_to_diffusers(state_dict):
+    """Our U-Net state dict -> diffusers' names (same tensors)."""
+    return {unet_diffusers_key(k): v for k, v in state_dict.items()}
+
+
 def load_unet(source, config=None):
     """A minisd.UNet holding the weights of a diffusers U-Net file (or state dict), built on
     the meta device with no random init; `config` defaults to SD 1.5's."""
-    from .unet import UNet, UNetConfig
     sd = source if isinstance(source, dict) else load_state_dict(source)
     with torch.device("meta"):
         model = UNet(config or UNetConfig.sd15())
     name = "U-Net state dict" if isinstance(source, dict) else str(source)
     return load_into(model, unet_from_diffusers(sd), name)
 
-# --- VAE: diffusers keys ---------------------------------------------------------------
-
-# diffusers' name -> ours, applied in order to each key of `vae/diffusion_pytorch_model.*`.
-# The blocks keep diffusers' names (encoder.down_blocks.0.resnets.1, decoder.up_blocks.2, ...);
-# inside them ours follow chapter 2's modules. quant_conv/post_quant_conv keep their names.
-VAE_KEY_MAP = [
-    (r"\.downsamplers\.0\.", ".downsample."),
-    (r"\.upsamplers\.0\.", ".upsample."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid_block.attention.norm."),  # SpatialSelfAttention
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid_block.attention.to_out."),
-    (r"\.mid_block\.attentions\.0\.", ".mid_block.attention."),
-    (r"\.norm1\.", ".gsc1.norm."),                      # ResNetBlock = GSC, GSC, + skip
-    (r"\.conv1\.", ".gsc1.conv."),
-    (r"\.norm2\.", ".gsc2.norm."),
-    (r"\.conv2\.", ".gsc2.conv."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.out.norm."),   # the output GSC
-    (r"^(encoder|decoder)\.conv_out\.", r"\1.out.conv."),
-]
-
-
-def vae_key(key):
-    """One diffusers VAE key -> ours, e.g. 'encoder.down_blocks.0.downsamplers.0.conv.weight'
-    -> 'encoder.down_blocks.0.downsample.conv.weight'."""
-    for pattern, replacement in VAE_KEY_MAP:
-        key = re.sub(pattern, replacement, key)
-    return key
-
+# --- VAE --------------------------------------------------------------------------------
 
 def vae_from_diffusers(state_dict):
     """A diffusers VAE state dict -> ours (same tensors, renamed)."""
@@ -160,36 +211,11 @@ def vae_from_diffusers(state_dict):
 def load_vae(source, config=None):
     """A minisd AutoencoderKL holding a diffusers VAE file (or state dict), built on the meta
     device with no random init; `config` defaults to SD 1.5's."""
-    from .vae import AutoencoderKL, VAEConfig
     sd = source if isinstance(source, dict) else load_state_dict(source)
     with torch.device("meta"):
         model = AutoencoderKL(config or VAEConfig.sd15())
     name = "VAE state dict" if isinstance(source, dict) else str(source)
     return load_into(model, vae_from_diffusers(sd), name).eval()
-
-
-def save_course_vae(model, path, metadata):
-    """Write a minisd AutoencoderKL (our keys) to safetensors; its config goes in the metadata."""
-    from safetensors.torch import save_file
-    meta = {**metadata, "config": model.config.to_json()}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-
-
-def load_course_vae(path):
-    """The AutoencoderKL written by `save_course_vae` (config and scaling factor from the metadata)."""
-    from safetensors import safe_open
-    from .vae import AutoencoderKL, VAEConfig
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no course VAE at {path}: train one with `python -m minisd train vae`")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
-                           "`python -m minisd train vae` (for a diffusers VAE file use load_vae)")
-    with torch.device("meta"):
-        model = AutoencoderKL(VAEConfig.from_json(meta["config"]))
-    return load_into(model, load_state_dict(path), str(path)).eval()
 
 
 # --- CLIP text encoder: transformers keys ------------------------------------------------
@@ -224,7 +250,6 @@ def text_encoder_from_transformers(state_dict, source="text encoder state dict")
 def text_config_from_weights(state_dict):
     """A CLIPTextConfig read off the tensor shapes (ours or transformers' keys). The head count
     is not in any shape: OpenAI's CLIP text towers all use 64-wide heads, so heads = width / 64."""
-    from .clip import CLIPTextConfig
     sd = {text_encoder_key(k): v for k, v in state_dict.items()}
     try:
         vocab, width = sd["embeddings.token_embedding.weight"].shape
@@ -243,7 +268,6 @@ def load_text_encoder(source, config=None, device="cpu", dtype=None):
     key layout, built on the meta device with no random init. `config` defaults to one read off
     the shapes (SD 1.x's for SD 1.x weights). The result is in eval mode with gradients off:
     SD never trains its text encoder."""
-    from .clip import CLIPTextEncoder
     sd = source if isinstance(source, dict) else load_state_dict(source)
     name = "text encoder state dict" if isinstance(source, dict) else str(source)
     sd = text_encoder_from_transformers(sd, name)
@@ -269,32 +293,6 @@ def text_encoder_to_original(text_encoder):
     positions = text_encoder.config.positions
     sd[TEXT_PREFIX_HF + "embeddings.position_ids"] = torch.arange(positions)[None]  # (1, 77), int64
     return sd
-
-
-def save_course_clip(model, path, metadata):
-    """Write a minisd CLIP (our keys) to safetensors in float16 (half the bytes; the course
-    model loses nothing measurable), its config in the metadata."""
-    from safetensors.torch import save_file
-    meta = {**metadata, "config": model.config.to_json()}
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-
-
-def load_course_clip(path):
-    """The CLIP written by `save_course_clip`, in float32, eval mode."""
-    from safetensors import safe_open
-    from .clip import CLIP, CLIPConfig
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no course CLIP at {path}: train one with `python -m minisd train clip`")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise WeightsError(f"{path} has no 'config' in its metadata: it was not written by "
-                           "`python -m minisd train clip` (for a transformers text encoder use load_text_encoder)")
-    sd = {k: v.float() for k, v in load_state_dict(path).items()}
-    with torch.device("meta"):
-        model = CLIP(CLIPConfig.from_json(meta["config"]))
-    return load_into(model, sd, str(path)).eval()
 
 
 # --- original single-file layout (model.diffusion_model.*, first_stage_model.*, ...) ------
@@ -416,7 +414,6 @@ def unet_config_from_original(sd, source):
 
     Shapes do not store the number of attention heads or GroupNorm groups: SD 1.x uses 8 heads
     and 32 groups everywhere, and a model trained at 512 px has sample_size 64."""
-    from .unet import UNetConfig
     k_key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if k_key in sd and sd[k_key].shape[-1] == 1024:
         raise WeightsError(f"{source}: {UNET_PREFIX}{k_key} has shape {tuple(sd[k_key].shape)} but SD 1.x has "
@@ -445,7 +442,6 @@ def unet_config_from_original(sd, source):
 def vae_config_from_original(sd, source):
     """Infer a VAEConfig from an original VAE state dict (prefix removed); 32 GroupNorm groups
     and SD's scaling factor 0.18215, which the file does not store."""
-    from .vae import VAEConfig
     if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
         raise WeightsError(f"{source}: no {VAE_PREFIX}encoder.conv_in.weight / post_quant_conv.weight; "
                            "the VAE in this file is missing or incomplete")
@@ -523,12 +519,17 @@ def _vae_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+class Components(NamedTuple):
+    """The three parts of an SD 1.x model, as the loaders below return them:
+    `StableDiffusion(*components)` makes a pipeline of them."""
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+
+
 def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
-    """A StableDiffusion from an original single-file state dict (chapter 11), configs inferred
+    """The Components of an original single-file state dict (chapter 11), configs inferred
     from the tensor shapes, built on the meta device and filled with the file's tensors."""
-    from .pipeline import StableDiffusion
-    from .unet import UNet
-    from .vae import AutoencoderKL
     unet_sd, vae_sd, text_sd = split_original(sd, source)
     unet_config = unet_config_from_original(unet_sd, source)
     vae_config = vae_config_from_original(vae_sd, source)
@@ -539,11 +540,11 @@ def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
     vae = _load_original_part(vae, vae_sd, lambda k: vae_original_key(k, vae_config), VAE_PREFIX,
                               source, device, _vae_dtype(dtype))
     text_encoder = text_encoder_from_original(text_sd, source, device, dtype)
-    return StableDiffusion(unet, vae, text_encoder)
+    return Components(unet, vae, text_encoder)
 
 
 def to_original(pipe):
-    """The original single-file state dict of a StableDiffusion (what `from_original` reads):
+    """The original single-file state dict of a StableDiffusion or Components (what `from_original` reads):
     the same tensors under the original names, the VAE attention as 1x1 conv weights."""
     sd = {}
     for key, tensor in pipe.unet.state_dict().items():
@@ -560,7 +561,6 @@ def to_original(pipe):
 
 def _text_config_from_transformers(config):
     """A transformers CLIPTextConfig (`text_encoder/config.json`, as a dict) -> ours."""
-    from .clip import CLIPTextConfig
     if config.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise WeightsError(f"text_encoder/config.json: hidden_act={config['hidden_act']!r}; SD 1.x's CLIP uses "
                            "quick_gelu (an SD 2.x OpenCLIP text encoder uses gelu)")
@@ -572,19 +572,17 @@ def _text_config_from_transformers(config):
 
 def from_diffusers(unet, vae, text_encoder, unet_config=None, vae_config=None, text_config=None,
                    device="cpu", dtype=torch.float32):
-    """A StableDiffusion from the three parts in diffusers' layout, each a state dict or a file
+    """The Components from the three parts in diffusers' layout, each a state dict or a file
     (configs: SD 1.5's unless given; text-encoder keys with or without `text_model.`)."""
-    from .pipeline import StableDiffusion
     unet = load_unet(unet, unet_config).to(device=device, dtype=dtype)
     vae = load_vae(vae, vae_config).to(device=device, dtype=_vae_dtype(dtype))
     text_encoder = load_text_encoder(text_encoder, text_config, device=device, dtype=dtype)
-    return StableDiffusion(unet, vae, text_encoder)
+    return Components(unet, vae, text_encoder)
 
 
 def _component_file(folder, names):
     """The weights of one part: the first of `names` in `folder`, or the shards that its
     `NAME.index.json` lists (large parts are saved in pieces), merged into one state dict."""
-    import json
     for name in names:
         if (folder / name).exists():
             return folder / name
@@ -595,27 +593,76 @@ def _component_file(folder, names):
     raise FileNotFoundError(f"no weights in {folder}: expected one of {names} (or its .index.json and shards)")
 
 
+_WEIGHT_FILES = {
+    "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"],
+    "vae": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"],
+    "text_encoder": ["model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"],
+}
+
+
+def _part_folder(folder, part):
+    """`folder/part` for a pipeline folder, or `folder` itself when it is that part's own folder."""
+    folder = Path(folder)
+    if (folder / part / "config.json").exists():
+        return folder / part
+    if (folder / "config.json").exists():
+        return folder
+    raise FileNotFoundError(f"no config.json in {folder} nor in {folder / part}: pass a diffusers {part}/ folder "
+                            "or the pipeline folder that holds it")
+
+
+def load_part(folder, part):
+    """(config, weights) of one part of a diffusers folder: `part` is "unet", "vae" or
+    "text_encoder"; `folder` the pipeline folder or the part's own. Weights: safetensors
+    preferred, then an fp16 variant, then a .bin read with torch.load(weights_only=True);
+    a sharded part (`NAME.index.json` and its shards) is merged into one state dict."""
+    folder = _part_folder(folder, part)
+    weights = _component_file(folder, _WEIGHT_FILES[part])
+    config = json.loads((folder / "config.json").read_text())
+    try:
+        if part == "unet":
+            return UNetConfig.from_diffusers(config), weights
+        if part == "vae":
+            return VAEConfig.from_diffusers(config), weights
+        return _text_config_from_transformers(config), weights
+    except ValueError as e:
+        raise WeightsError(f"{folder}: {e}") from e
+
+
+def load_unet_folder(folder):
+    """A minisd UNet from a diffusers U-Net folder (or the pipeline folder that holds `unet/`)."""
+    config, weights = load_part(folder, "unet")
+    return load_unet(weights, config).eval()
+
+
 def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
-    """A StableDiffusion from a diffusers pipeline folder: reads each part's config.json and
-    weights (safetensors preferred, a .bin through torch.load(weights_only=True))."""
-    import json
-    from .unet import UNetConfig
-    from .vae import VAEConfig
+    """The Components of a diffusers pipeline folder: each part's config.json and weights
+    through `load_part`."""
     folder = Path(folder)
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a diffusers SD folder: {part}/config.json is missing "
                                     "(expected unet/, vae/ and text_encoder/, each with config.json and weights)")
-    unet_file = _component_file(folder / "unet", ["diffusion_pytorch_model.safetensors",
-                                                  "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"])
-    vae_file = _component_file(folder / "vae", ["diffusion_pytorch_model.safetensors",
-                                                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"])
-    text_file = _component_file(folder / "text_encoder", ["model.safetensors", "model.fp16.safetensors",
-                                                          "pytorch_model.bin"])
-    text_config = _text_config_from_transformers(json.loads((folder / "text_encoder" / "config.json").read_text()))
-    try:
-        unet_config = UNetConfig.from_diffusers(folder / "unet" / "config.json")
-        vae_config = VAEConfig.from_diffusers(folder / "vae" / "config.json")
-    except ValueError as e:
-        raise WeightsError(f"{folder}: {e}") from e
-    return from_diffusers(unet_file, vae_file, text_file, unet_config, vae_config, text_config, device, dtype)
+    (unet_config, unet), (vae_config, vae), (text_config, text) = (
+        load_part(folder / part, part) for part in ("unet", "vae", "text_encoder"))
+    return from_diffusers(unet, vae, text, unet_config, vae_config, text_config, device, dtype)
+
+
+# --- random weights (tests, benchmarks, the book) -------------------------------------------------
+
+def random_weights(model, seed=0):
+    """Random weights for every tensor of `model` (may be on the meta device), under its own
+    keys: fan-in-scaled normal weights, norms near 1, small biases. Activations stay O(1)
+    through the 860M-parameter U-Net, and nothing is random-initialised twice."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, p in model.state_dict().items():
+        if p.ndim >= 2:
+            sd[key] = torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:]))
+        elif "norm" in key and key.endswith("weight"):
+            sd[key] = 1 + 0.1 * torch.randn(p.shape, generator=g)
+        else:
+            sd[key] = 0.1 * torch.randn(p.shape, generator=g)
+    return sd

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minisd
-from minisd import CLIPTextConfig, CLIPTextEncoder, weights
+from minisd import CLIPTextConfig, CLIPTextEncoder, checkpoint, weights
 from minisd.clip import CLIP, CLIPConfig
 
 transformers = pytest.importorskip("transformers")
@@ -178,13 +178,13 @@ def test_logit_scale_is_capped_at_100():
 def test_course_clip_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = CLIP(CLIPConfig.tiny())
-    weights.save_course_clip(model, tmp_path / "c.safetensors", {"command": "test"})
-    back = weights.load_course_clip(tmp_path / "c.safetensors")
+    checkpoint.save_checkpoint(tmp_path / "c.safetensors", model, metadata={"command": "test"}, dtype=torch.float16)
+    back = checkpoint.load_checkpoint(tmp_path / "c.safetensors")
     assert back.config == model.config
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         torch.testing.assert_close(b, a.half().float(), msg=k)
     with pytest.raises(FileNotFoundError, match="train clip"):
-        weights.load_course_clip(tmp_path / "none.safetensors")
+        checkpoint.course_clip(tmp_path / "none.safetensors")
 
 
 def test_training_lowers_the_contrastive_loss():
@@ -204,11 +204,11 @@ def test_committed_course_clip():
     assert path.stat().st_size <= 8_000_000
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["command"].startswith("python -m minisd train clip")
-    model = CLIP.course()
+    model = checkpoint.course_clip()
     assert model.config == CLIPConfig.course()
     # one 64-wide head, so an original-layout round trip (config read off the shapes) is exact
     assert weights.text_config_from_weights(model.text.state_dict()) == CLIPTextConfig.course()
-    text = CLIPTextEncoder.course()
+    text = checkpoint.course_text_encoder()
     assert not any(p.requires_grad for p in text.parameters())
     assert text(minisd.CLIPTokenizer.sd15()("a red circle in the top left")).shape == (1, 77, 64)
     images, captions = data.sample(180, seed=99, only=data.HELD_OUT)   # never seen in training

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minisd
-from minisd import StableDiffusion, weights
+from minisd import StableDiffusion, checkpoint, weights
 from minisd.pipeline import main
 from reference_sd import SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline, use_scheduler
 
@@ -175,29 +175,37 @@ def test_latents_of_the_wrong_shape(tiny):
 
 
 def test_course_model_missing_checkpoint_names_the_command(monkeypatch, tmp_path):
-    if all((minisd.DATA_DIR / f).exists() for f in minisd.pipeline.COURSE_FILES.values()):
-        pipe = StableDiffusion.course_model()
-        images = pipe("a red circle in the top left", seed=0, progress=False)
-        assert len(images) == 1
-        return
-    with pytest.raises(FileNotFoundError, match=r"course_\w+\.safetensors.*python -m minisd train \w+"):
+    """The error path runs whatever data/ holds: DATA_DIR points at a folder with no checkpoints."""
+    monkeypatch.setattr(minisd.paths, "DATA_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"course_vae\.safetensors.*python -m minisd train vae"):
         StableDiffusion.course_model()
+    checkpoint.save_checkpoint(tmp_path / "course_vae.safetensors", minisd.AutoencoderKL(minisd.VAEConfig.course()))
+    with pytest.raises(FileNotFoundError, match=r"course_clip\.safetensors.*python -m minisd train clip"):
+        StableDiffusion.course_model()
+
+
+def test_course_model_generates_from_the_shipped_checkpoints():
+    pipe = StableDiffusion.course_model()
+    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (25, 4.0, "ddim")   # stored in course_unet's metadata
+    images = pipe("a red circle in the top left", seed=0, progress=False)
+    assert len(images) == 1 and images[0].size == (32, 32)
 
 
 def test_course_model_loads_the_three_course_checkpoints(monkeypatch, tmp_path):
     """course_model() on random checkpoints written by the trainers' own save functions."""
     from minisd.clip import CLIP, CLIPConfig
-    from minisd.train import course_unet_config, save_course_unet
+    from minisd.train import course_unet_config
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig.course())
-    weights.save_course_vae(minisd.AutoencoderKL(minisd.VAEConfig.course()), tmp_path / "course_vae.safetensors", {})
-    weights.save_course_clip(clip, tmp_path / "course_clip.safetensors", {})
+    checkpoint.save_checkpoint(tmp_path / "course_vae.safetensors", minisd.AutoencoderKL(minisd.VAEConfig.course()))
+    checkpoint.save_checkpoint(tmp_path / "course_clip.safetensors", clip, dtype=torch.float16)
     unet = minisd.UNet(course_unet_config(clip.text.config.width))
-    save_course_unet(unet, tmp_path / "course_unet.safetensors", {})
+    sampling = {"sampler": "euler", "steps": 3, "guidance": 2.5}       # the pipeline's defaults come from the file
+    checkpoint.save_checkpoint(tmp_path / "course_unet.safetensors", unet, sampling=sampling)
     (tmp_path / "bpe_simple_vocab_16e6.txt.gz").write_bytes((minisd.DATA_DIR / "bpe_simple_vocab_16e6.txt.gz").read_bytes())
-    monkeypatch.setattr(minisd, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(minisd.paths, "DATA_DIR", tmp_path)
     pipe = StableDiffusion.course_model()
-    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (25, 4.0, "ddim")
+    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (3, 2.5, "euler")
     assert pipe.unet.config == unet.config
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), pipe.unet.state_dict().values()))
     images = pipe(["a red circle in the top left"] * 2, seed=0, output_type="np", progress=False)
@@ -284,3 +292,34 @@ def test_seed_gives_the_same_noise_on_cuda(tiny):
     a = cpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     b = gpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     assert np.abs(a - b).max() < 1e-2  # TF32 convolutions on the GPU; other noise would differ by ~0.3
+
+
+def test_img2img_noises_through_the_samplers_own_add_noise(tiny):
+    """img2img's starting latents come from the sampler object it is given (its schedule, its
+    way of noising), not from the default schedule or a special case per class."""
+    from minisd.diffusion import NoiseSchedule
+    from minisd.schedulers import DDIM
+    _, ours, _ = tiny
+    calls = []
+
+    class Recording(DDIM):
+        def add_noise(self, x0, noise, t):
+            calls.append(int(t))
+            return super().add_noise(x0, noise, t)
+
+    init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=Recording(), seed=2, progress=False)
+    assert calls == [401]                 # DDIM's 5 steps 801 601 401 201 1; strength 0.6 runs the last 3
+    # a sampler on another noise schedule starts from latents noised on that schedule
+    a = ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=DDIM(NoiseSchedule.ddpm()), seed=2,
+                     guidance=1.0, output_type="latent", progress=False)
+    sched = DDIM(NoiseSchedule.ddpm())
+    sched.set_timesteps(5)
+    with torch.no_grad():
+        x0 = ours.vae.encode(2 * init - 1).sample(torch.Generator().manual_seed(2)) * ours.vae.scaling_factor
+        g = torch.Generator().manual_seed(2)
+        torch.randn(x0.shape, generator=g)            # the draw that sampled the posterior
+        start = sched.add_noise(x0, torch.randn(x0.shape, generator=g), sched.timesteps[2])
+        expected = minisd.pipeline.denoise(ours.unet, start, ours.encode_prompt([PROMPTS[0]]), sched,
+                                           sched.timesteps[2:])
+    torch.testing.assert_close(a, expected)

@@ -177,3 +177,29 @@ def test_bad_use_raises_clear_errors():
 
 def test_module_is_exported():
     assert minisd.schedulers.make_scheduler is make_scheduler
+
+
+# --- noising (img2img's start) belongs to the sampler ----------------------------------------
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "dpm++2m", "pndm"])
+def test_add_noise_equals_diffusers(name):
+    """Each sampler noises x0 to a timestep of its own chain as its diffusers class does
+    (Euler: x0 + sigma noise; the others: sqrt(abar) x0 + sqrt(1 - abar) noise)."""
+    ours, theirs = make_scheduler(name), reference(name)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = ours.timesteps[3]
+    if name == "euler":
+        theirs.set_begin_index(3)
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t[None].repeat(2)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_add_noise_uses_the_samplers_own_schedule():
+    from minisd.diffusion import NoiseSchedule, add_noise
+    sched = DDIM(NoiseSchedule.ddpm())
+    x0, noise = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    torch.testing.assert_close(sched.add_noise(x0, noise, 500), add_noise(x0, noise, 500, NoiseSchedule.ddpm()))
+    assert not torch.allclose(sched.add_noise(x0, noise, 500), add_noise(x0, noise, 500))

@@ -12,6 +12,7 @@ from minisd.diffusion import add_noise
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import AutoencoderKL, VAEConfig
+from minisd.checkpoint import course_unet, load_checkpoint, save_checkpoint
 from minisd.weights import WeightsError
 
 D = 16  # width of the stand-in text context
@@ -115,8 +116,8 @@ def test_encode_course_data_uses_the_frozen_models_and_leaves_out_held_out():
 def test_checkpoint_round_trip(tmp_path):
     unet = tiny_unet()
     path = tmp_path / "unet.safetensors"
-    train.save_course_unet(unet, path, {"command": "python -m minisd train unet --steps 3"})
-    loaded = UNet.course(path)
+    save_checkpoint(path, unet, sampling=train.COURSE_SAMPLING, metadata={"command": "python -m minisd train unet --steps 3"})
+    loaded = load_checkpoint(path)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["command"] == "python -m minisd train unet --steps 3"
     assert loaded.config == unet.config
@@ -127,10 +128,10 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_loading_a_missing_or_foreign_file_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="train unet"):
-        UNet.course(tmp_path / "nothing.safetensors")
+        course_unet(tmp_path / "nothing.safetensors")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(WeightsError, match="no 'config'"):
-        UNet.course(tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="no 'model' and 'config'"):
+        course_unet(tmp_path / "other.safetensors")
 
 
 def test_guided_sampling_gives_latents_of_the_unet_size():

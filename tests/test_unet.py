@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from minisd import weights
-from minisd.benchmark import random_weights
+from minisd.weights import random_weights
 from minisd.unet import UNet, UNetConfig
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, as published
@@ -181,7 +181,7 @@ def test_shape_errors_name_key_and_likely_cause(tiny_pair):
 def test_from_diffusers_folder(tmp_path, tiny_pair):
     ours, theirs = tiny_pair
     theirs.save_pretrained(tmp_path / "unet")
-    loaded = UNet.from_diffusers(tmp_path)
+    loaded = weights.load_unet_folder(tmp_path)
     assert loaded.config == UNetConfig.tiny()
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
     with torch.no_grad():

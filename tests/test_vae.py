@@ -3,7 +3,7 @@ and at SD 1.5's; DiagonalGaussian, the config presets and weight loading behave 
 import pytest
 import torch
 
-from minisd import weights
+from minisd import checkpoint, weights
 from minisd.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 
@@ -109,7 +109,7 @@ def test_train_command_writes_a_loadable_checkpoint_with_its_scaling_factor(tmp_
     from minisd.train import main
     out = tmp_path / "vae.safetensors"
     assert main(["vae", "--steps", "3", "--disc-start", "2", "--out", str(out)]) == 0
-    vae = AutoencoderKL.course(out)
+    vae = checkpoint.load_checkpoint(out)
     from safetensors import safe_open
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
@@ -121,7 +121,7 @@ def test_train_command_writes_a_loadable_checkpoint_with_its_scaling_factor(tmp_
 def test_committed_course_vae_reconstructs_held_out_images():
     from minisd import losses
     from minisd.train import held_out_images
-    vae = AutoencoderKL.course()
+    vae = checkpoint.course_vae()
     x = held_out_images()
     with torch.no_grad():
         z = vae.encode(x).sample(torch.Generator().manual_seed(0)) * vae.scaling_factor
@@ -129,3 +129,15 @@ def test_committed_course_vae_reconstructs_held_out_images():
     assert z.shape[1:] == (4, 8, 8)
     assert 0.9 <= z.std().item() <= 1.1                      # the seed's rescaling worked
     assert losses.psnr(x, rec).mean().item() >= 28.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_posterior_sample_with_a_cpu_generator_on_cuda():
+    """A CPU generator samples a CUDA posterior (the noise is drawn on the generator's device,
+    then moved): the same seed gives the same latents on CPU and GPU."""
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    on_cpu = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(1))
+    on_gpu = DiagonalGaussian(moments.cuda()).sample(torch.Generator().manual_seed(1))
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)

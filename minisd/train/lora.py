@@ -1,8 +1,7 @@
 """The course LoRA (chapter 13): `python -m minisd train lora --concept bar`, its evaluation and
 rank sweep."""
-from .unet import course_prompts, frozen_course_models, judge_course_unet, warmup_cosine
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+from ..lora import TARGETS as LORA_TARGETS
+from .unet import COURSE_SAMPLING, course_prompts, frozen_course_models, judge_course_unet, warmup_cosine
 
 
 def concept_prompts(concept):
@@ -18,10 +17,10 @@ def lora_judge(concept="bar"):
     For a new shape: the judge that knows data.SHAPES + data.NEW_SHAPES
     (data/course_judge_new_shapes.safetensors); for a new colour: the course judge with the
     palette data.COLOURS + that colour."""
-    from .. import DATA_DIR, data
+    from .. import data, paths
     from ..metrics import NEW_SHAPES_JUDGE_FILE, Judge
     if concept in data.NEW_SHAPES:
-        return Judge.load(DATA_DIR / NEW_SHAPES_JUDGE_FILE)
+        return Judge.load(paths.DATA_DIR / NEW_SHAPES_JUDGE_FILE)
     data.concept_combinations(concept)   # a clear error for a word that is no new concept
     return Judge.load(colours={**data.COLOURS, concept: data.NEW_COLOURS[concept]})
 
@@ -184,12 +183,12 @@ def lora_rank_sweep(ranks, concept="bar", steps=300, seed=0, progress=True, **tr
     new-concept and old-prompt accuracy (fewer seeds than the main evaluation), parameters and
     file size. Returns a list of dicts."""
     import time
-    from ..unet import UNet
+    from ..checkpoint import course_unet
     vae, text_encoder, tokenizer = frozen_course_models()
     encoded = encode_concept_data(vae, text_encoder, tokenizer, concept, seed=seed)
     rows = []
     for rank in ranks:
-        unet = UNet.course().requires_grad_(False)
+        unet = course_unet().requires_grad_(False)
         c0 = time.process_time()
         unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=seed,
                              encoded=encoded, progress=progress, **train_kwargs)
@@ -267,9 +266,8 @@ def _cli_lora_course(args, argv):
     import time
     from pathlib import Path
     import torch
-    from .. import DATA_DIR, data, lora
-    from ..pipeline import COURSE_FILES
-    from ..unet import UNet
+    from .. import data, lora, paths
+    from ..checkpoint import course_path, course_unet
     if args.concept not in data.NEW_SHAPES and args.concept not in data.NEW_COLOURS:
         raise SystemExit(f"--concept {args.concept!r} is not a shape or colour the course data can draw but the base "
                          f"model never saw: choose a shape of {list(data.NEW_SHAPES)} or a colour of "
@@ -283,15 +281,15 @@ def _cli_lora_course(args, argv):
     except ValueError as e:
         raise SystemExit(f"error: --replay: {e}") from None
     n_combos = len(data.concept_combinations(args.concept))
-    out = Path(args.out) if args.out else DATA_DIR / f"course_lora_{args.concept}.safetensors"
+    out = Path(args.out) if args.out else paths.DATA_DIR / f"course_lora_{args.concept}.safetensors"
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
-    unet_path = DATA_DIR / COURSE_FILES["unet"]
+    unet_path = course_path("unet")
     vae, text_encoder, tokenizer = frozen_course_models()
-    base = UNet.course(unet_path).requires_grad_(False)
+    base = course_unet(unet_path).requires_grad_(False)
     judge = lora_judge(args.concept)
     print("judging the base model ...", flush=True)
     before = evaluate_lora(base, vae, text_encoder, tokenizer, args.concept, judge=judge)
-    unet = UNet.course(unet_path)
+    unet = course_unet(unet_path)
     t0, c0 = time.time(), time.process_time()
     unet, log = train_lora(unet, vae, text_encoder, tokenizer, args.concept, rank=args.rank, alpha=args.alpha,
                            steps=steps, batch_size=batch_size, lr=lr, seed=args.seed,
@@ -300,10 +298,10 @@ def _cli_lora_course(args, argv):
     wall, cpu = time.time() - t0, time.process_time() - c0
     lora.save(unet, out, dtype=torch.float16)   # float16, as community LoRA files are
     # evaluate what was written: the file loaded into a fresh copy of the base model
-    shipped = lora.load(UNet.course(unet_path), out).eval()
+    shipped = lora.load(course_unet(unet_path), out).eval()
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
-    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "judge_palette": list(judge.colours),
+    evaluation = {**COURSE_SAMPLING, "judge_palette": list(judge.colours),
                   "new_prompts": f"the {n_combos} {args.concept} combinations x 6 seeds",
                   "old_prompts": "the 90 course combinations x 2 seeds",
                   "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},

@@ -1,6 +1,6 @@
 """LoRA on real SD 1.x weights and a folder of captioned images (chapter 13):
 `python -m minisd train lora --weights PATH --images DIR`, under torchrun too."""
-from .lora import LORA_TARGETS
+from ..lora import TARGETS as LORA_TARGETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -77,6 +77,27 @@ class _LoRAModel(__import__("torch").nn.Module):
             with torch.no_grad():
                 context = self.text_encoder(ids)
         return self.unet(x_t, t, context)
+
+
+def _numpy_rng_state():
+    """numpy's global RNG state as plain Python and a tensor, so the checkpoint loads with
+    torch.load(weights_only=True) (a numpy array would need the unsafe unpickler)."""
+    import numpy as np
+    import torch
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_rng(state):
+    import numpy as np
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
+
+
+def _python_rng(state):
+    """random.getstate() after a round trip (a tuple may come back as a list)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
 
 
 def _dist_env():
@@ -173,7 +194,7 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
             "resolution": resolution, "seed": seed}
     start, log = 0, {"loss": []}
     if resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)   # tensors and plain Python only
         for k in ("rank", "targets", "train_text_encoder", "world_size", "batch_size", "resolution", "seed"):
             if ck["meta"][k] != meta[k]:
                 raise ValueError(f"{ckpt_path} was made with {k}={ck['meta'][k]!r}, this run has {k}={meta[k]!r}: "
@@ -188,8 +209,8 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
-        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(_python_rng(ck["rng"]["python"]))
+        np.random.set_state(_numpy_rng(ck["rng"]["numpy"]))
         start, log = ck["step"], ck["log"]
 
     def checkpoint(step):
@@ -198,7 +219,8 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
         output_dir.mkdir(parents=True, exist_ok=True)
         state = {"meta": meta, "step": step, "lora": [p.detach().cpu().clone() for p in params],
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "numpy": _numpy_rng_state()},
                  "log": log}
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -225,8 +247,7 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
         with torch.no_grad():
             post = vae.encode(pixels.to(next(vae.parameters()).dtype))
             # z = mean + std * eps with eps from the step's CPU generator (so CPU and CUDA runs draw alike)
-            latents = (post.mean.float() + post.std.float() * torch.randn(post.mean.shape, generator=g).to(device))
-            latents = latents * scaling
+            latents = post.sample(g).float() * scaling
         noise = torch.randn(latents.shape, generator=g).to(device)
         t = torch.randint(0, schedule.num_train_timesteps, (len(pick),), generator=g).to(device)
         x_t = add_noise(latents, noise, t, schedule)

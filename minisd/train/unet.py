@@ -1,5 +1,4 @@
 """Training the course U-Net (chapter 9): `python -m minisd train unet`, sampling and judging it."""
-import dataclasses
 import math
 
 def course_unet_config(context_dim):
@@ -90,13 +89,21 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
     return unet.eval(), ema, log
 
 
-def sample_course_latents(unet, cond, uncond, steps=25, guidance=4.0, scheduler="ddim", seed=0):
+# The sampling settings chapter 10 found best for the course model. `train unet` judges with
+# them and stores them in the checkpoint's metadata, from which the pipeline reads them.
+COURSE_SAMPLING = {"sampler": "ddim", "steps": 25, "guidance": 4.0}
+
+
+def sample_course_latents(unet, cond, uncond, steps=COURSE_SAMPLING["steps"], guidance=COURSE_SAMPLING["guidance"],
+                          scheduler=COURSE_SAMPLING["sampler"], seed=0):
     """Latents from noise with classifier-free guidance (chapter 10's loop, for evaluation here).
 
     cond (B, 77, D) the prompts' contexts, uncond (1, 77, D) the context of "". Each step
-    runs the U-Net once on the batch [uncond, cond] and mixes eps_u + guidance (eps_c - eps_u).
+    runs the U-Net once on the batch [uncond, cond] and mixes eps_u + guidance (eps_c - eps_u):
+    `pipeline.denoise`, the pipeline's own loop.
     """
     import torch
+    from ..pipeline import denoise
     from ..schedulers import make_scheduler
     c, size = unet.config.in_channels, unet.config.sample_size
     b = len(cond)
@@ -106,15 +113,11 @@ def sample_course_latents(unet, cond, uncond, steps=25, guidance=4.0, scheduler=
     x = torch.randn((b, c, size, size), generator=g) * sched.init_noise_sigma
     context = torch.cat([uncond.expand(b, -1, -1), cond])                # (2B, 77, D)
     with torch.no_grad():
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(x, t)
-            eps_u, eps_c = unet(torch.cat([xin, xin]), t, context).chunk(2)
-            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x, g)
-    return x
+        return denoise(unet, x, context, sched, guidance=guidance, generator=g)
 
 
-def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), steps=25, guidance=4.0,
-                      scheduler="ddim"):
+def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), steps=COURSE_SAMPLING["steps"],
+                      guidance=COURSE_SAMPLING["guidance"], scheduler=COURSE_SAMPLING["sampler"]):
     """Generate one image per (combination, seed) and let the judge read colour, shape and position.
 
     Returns (accuracy dict from `Judge.accuracy`, uint8 images, captions)."""
@@ -134,14 +137,6 @@ def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), s
     return judge.accuracy(images, captions), images, captions
 
 
-def save_course_unet(unet, path, metadata):
-    """Write a U-Net (our keys, fp32) to safetensors with its config in the metadata."""
-    import json
-    from safetensors.torch import save_file
-    meta = {**metadata, "config": json.dumps(dataclasses.asdict(unet.config))}
-    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(path), metadata=meta)
-
-
 def cli_unet(argv):
     """python -m minisd train unet [--steps N] [--out PATH] [--seed S] ..."""
     import argparse
@@ -149,8 +144,10 @@ def cli_unet(argv):
     import time
     from pathlib import Path
     import torch
-    from .. import DATA_DIR, data
+    from .. import data
+    from ..checkpoint import save_checkpoint
     from ..metrics import Judge
+    from ..paths import DATA_DIR
     from ..unet import UNet
     p = argparse.ArgumentParser(prog="python -m minisd train unet",
                                 description="Train the course U-Net (chapter 9) on latents of the frozen course VAE, "
@@ -188,13 +185,13 @@ def cli_unet(argv):
     real_images, real_captions = data.sample(1000, seed=12345)
     real = judge.accuracy(real_images, real_captions)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
-    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0,
+    evaluation = {**COURSE_SAMPLING,
                   "last_vs_ema": {k: as_float(v) for k, v in score.items()}, "saved": best,
                   "all_90_combinations_x3_seeds": as_float(seen), "held_out_x10_seeds": as_float(held),
                   "judge_on_1000_real_images": as_float(real)}
-    save_course_unet(model, args.out, {"command": command, "weights": best, "sampler": "ddim", "steps": "25",
-                                       "guidance": "4.0", "train_wall_seconds": f"{wall:.0f}",
-                                       "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
+    save_checkpoint(args.out, model, sampling=COURSE_SAMPLING,
+                    metadata={"command": command, "weights": best, "train_wall_seconds": f"{wall:.0f}",
+                              "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
     log_path = args.log or args.out.with_name(args.out.stem + "_log.json")
     log_path.write_text(json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
                                     "lr": args.lr, "images": args.images, "ema_decay": args.ema_decay,
@@ -209,9 +206,8 @@ def cli_unet(argv):
 
 def frozen_course_models():
     """The course VAE, text encoder and tokenizer from data/, frozen: SD trains only the U-Net."""
-    from ..clip import CLIPTextEncoder
+    from ..checkpoint import course_text_encoder, course_vae
     from ..tokenizer import CLIPTokenizer
-    from ..vae import AutoencoderKL
-    vae = AutoencoderKL.course().eval().requires_grad_(False)
-    text_encoder = CLIPTextEncoder.course().eval().requires_grad_(False)
+    vae = course_vae().eval().requires_grad_(False)
+    text_encoder = course_text_encoder().eval().requires_grad_(False)
     return vae, text_encoder, CLIPTokenizer.sd15()

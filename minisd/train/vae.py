@@ -146,8 +146,9 @@ def cli_vae(argv):
     import json
     import time
     import torch
-    from .. import DATA_DIR, data
-    from ..weights import save_course_vae
+    from .. import data
+    from ..checkpoint import save_checkpoint
+    from ..paths import DATA_DIR
     p = argparse.ArgumentParser(prog="python -m minisd train vae",
                                 description="Train the course VAE (chapter 6) and write data/course_vae.safetensors.")
     p.add_argument("--steps", type=int, default=1500)
@@ -191,7 +192,7 @@ def cli_vae(argv):
     with torch.no_grad():
         z_std = (model.encode(held_out).sample(torch.Generator().manual_seed(1)) * model.scaling_factor).std().item()
     psnr = log["psnr"][-1]
-    save_course_vae(model, out, {"command": command, "scaling_factor": f"{scale:.5f}",
+    save_checkpoint(out, model, metadata={"command": command, "scaling_factor": f"{scale:.5f}",
                                  "held_out_psnr_db": f"{psnr:.2f}", "rescaled_latent_std": f"{z_std:.3f}",
                                  "train_wall_seconds": f"{wall:.0f}", "train_cpu_seconds": f"{cpu:.0f}",
                                  "threads": str(args.threads)})
