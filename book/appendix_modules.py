@@ -36,8 +36,7 @@ from matplotlib.patches import FancyArrowPatch
 import minisd
 
 SOURCE = Path(minisd.__file__).resolve().parent  # the package this kernel imports
-print("reading", SOURCE.relative_to(SOURCE.parent.parent), "-",
-      len(list(SOURCE.rglob("*.py"))), "files")
+print(f"reading the package {SOURCE.name}/: {len(list(SOURCE.rglob('*.py')))} files")
 
 
 # %% [markdown]
