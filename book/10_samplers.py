@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -16,9 +17,15 @@
 # %% [markdown]
 # # 10. Samplers and guidance
 #
+# **You will build** five samplers, `minisd.schedulers.DDPM`, `DDIM`, `Euler`, `DPMPP2M` and
+# `PNDM` (by name through `make_scheduler`), each equal to its diffusers scheduler step by
+# step; the maths under them (the DDPM posterior, DDIM's η family, Tweedie's formula, the
+# probability-flow ODE) checked on a toy whose exact ε is known; and classifier-free guidance
+# derived on that toy, then measured on the course model.
+#
 # Chapter 9 trained a U-Net to answer one question: *given a noisy latent $x_t$, the step
 # $t$ and a caption, what noise $\epsilon$ was added?* A **sampler** (diffusers calls it a
-# *scheduler*) turns that answer into a picture. It starts from pure noise $x_T$ and walks
+# {term}`scheduler`) turns that answer into a picture. It starts from pure noise $x_T$ and walks
 # the noise chain backwards, calling the U-Net once per step:
 #
 # ```python
@@ -32,13 +39,22 @@
 # The seed notes name the family ("Sampling method: DDPM, DDIM, DPM++ ...") without opening
 # it. This chapter opens five of them, all in `minisd.schedulers`, each a short class:
 #
+# ```{admonition} The notes say the sampler removes the predicted noise from the noisy latent / 笔记说 将预测出的噪声残差从原噪声矩阵中去除
+# :class: warning
+# That is the fair one-line summary, not what a step computes. No sampler here returns
+# $x_t - \hat\epsilon$: a step *rescales* $x_t$ and removes only part of $\hat\epsilon$
+# (DDIM: $x_{t_\text{prev}} = \sqrt{\bar\alpha_{t_\text{prev}}/\bar\alpha_t}\,x_t + c\,\hat\epsilon$ with a
+# negative $c$), and DDPM adds *fresh* noise at every step. The first cell after "One step by
+# hand" below prints the two coefficients of a real step.
+# ```
+#
 # | name | paper | idea | noise per step |
 # |---|---|---|---|
-# | `"ddpm"` | Ho et al. 2020 | the posterior mean of $x_{t-1}$ given the predicted $x_0$, plus fresh noise | yes |
-# | `"ddim"` | Song et al. 2021 | jump straight to $t_\text{prev}$ along the predicted noise direction | no ($\eta = 0$) |
-# | `"euler"` | Karras et al. 2022 | Euler's method on the probability-flow ODE, in $\sigma$ | no |
-# | `"dpm++2m"` | Lu et al. 2022 | a 2nd-order multistep ODE solver in $\lambda = \log(\alpha/\sigma)$ | no |
-# | `"pndm"` | Liu et al. 2022 | PLMS: a 4th-order Adams–Bashforth blend of past $\epsilon$s — SD 1.5's default | no |
+# | `"ddpm"` | {term}`DDPM` {cite}`ho2020ddpm` | the posterior mean of $x_{t-1}$ given the predicted $x_0$, plus fresh noise | yes |
+# | `"ddim"` | {term}`DDIM` {cite}`song2021ddim` | jump straight to $t_\text{prev}$ along the predicted noise direction | no ($\eta = 0$) |
+# | `"euler"` | {term}`Euler sampler` {cite}`karras2022edm` | Euler's method on the probability-flow ODE, in $\sigma$ | no |
+# | `"dpm++2m"` | {term}`DPM-Solver++` {cite}`lu2022dpmsolverpp` | a 2nd-order multistep ODE solver in $\lambda = \log(\alpha/\sigma)$ | no |
+# | `"pndm"` | {term}`PNDM` {cite}`liu2022pndm` | PLMS: a 4th-order Adams–Bashforth blend of past $\epsilon$s — SD 1.5's default | no |
 #
 # The course U-Net is not needed to understand any of them: a toy whose exact $\epsilon$ is
 # known shows every sampler's behaviour, and it is what this chapter uses. The cells that
@@ -59,12 +75,14 @@ abar = minisd.diffusion.NoiseSchedule.sd15().alphas_cumprod
 print("abar:", abar.shape, f"{abar[0]:.5f} -> {abar[-1]:.7f}")
 
 # %% [markdown]
-# ## Where each sampler stops
+# ## Where each sampler starts and stops
 #
 # All five share SD 1.5's training schedule ($\bar\alpha_t$ from 0.99915 down to 0.0046601
 # over $t = 0 \dots 999$). They differ first in *which* $t$ they visit. SD 1.5's
 # `scheduler_config.json` sets `steps_offset: 1` but names no `timestep_spacing`, so each
 # diffusers class keeps its own default:
+#
+# The rule that places them is the {term}`timestep spacing`.
 #
 # - **"leading"** (DDPM, DDIM, PNDM): every $\lfloor 1000/n \rfloor$-th step, plus 1:
 #   $901, 801, \dots, 1$ for 10 steps. The chain never starts at $t = 999$.
@@ -73,9 +91,19 @@ print("abar:", abar.shape, f"{abar[0]:.5f} -> {abar[-1]:.7f}")
 #   points and drops the last, ending at $t \approx 1000/n$ and then stepping to $\sigma = 0$.
 # - PNDM repeats its second timestep: $n$ steps cost $n + 1$ U-Net calls.
 #
+# So the samplers do not start at the same noise level. In the $\sigma = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$
+# of Euler's ODE ($1/\sqrt{\mathrm{SNR}}$, chapter 9), each one's first U-Net call and the level
+# its last step lands on:
+#
 # *Check*: copy the config from a loaded SD 1.5 pipeline into `EulerDiscreteScheduler` and
 # you get "linspace", not PNDM's "leading": diffusers remembers which keys were defaults
 # (`_use_default_values`) and does not pass those on.
+#
+# Euler and DPM-Solver++ begin at $t = 999$, the noisiest training step ($\sigma = 14.6$). The
+# "leading" samplers begin lower, at $t = 901$ ($\sigma = 8.4$) for 10 steps and $t = 961$ for
+# 25, and feed pure noise to the U-Net as if it were $x_{901}$: a different starting point, not
+# only a different solver. At the other end, DDIM and PNDM stop at $\bar\alpha_0$'s noise level
+# ($\sigma = 0.029$) while the others land on $\sigma = 0$.
 
 # %%
 scheds = {}
@@ -83,6 +111,20 @@ for name in NAMES:
     scheds[name] = make_scheduler(name)
     scheds[name].set_timesteps(10)
     print(f"{name:8s} {len(scheds[name].timesteps):2d} calls:", [round(float(t)) for t in scheds[name].timesteps])
+
+sigma_of = ((1 - abar) / abar) ** 0.5                                  # sigma at each training step
+# where the last step lands, read off the code: DDPM's last step uses abar = 1 (sigma 0); DDIM and
+# PNDM use abar_0 (SD's set_alpha_to_one=False); Euler and DPM-Solver++ append sigma = 0 to .sigmas
+LANDS = {"ddpm": 0.0, "ddim": float(sigma_of[0]), "pndm": float(sigma_of[0])}
+print(f"{'':8s}{'n':>4s}{'first t':>9s}{'its sigma':>11s}{'last t':>8s}{'lands on sigma':>16s}")
+for n in (10, 25):
+    for name in NAMES:
+        s_ = make_scheduler(name)
+        s_.set_timesteps(n)
+        t0, t1 = float(s_.timesteps[0]), float(s_.timesteps[-1])
+        lands = LANDS.get(name, float(getattr(s_, "sigmas", [0.0])[-1]))
+        print(f"{name:8s}{n:4d}{t0:9.0f}{float(sigma_of[round(t0)]):11.2f}{t1:8.0f}{lands:16.4f}")
+assert abs(sigma_of[999] - 14.61) < 0.01 and abs(sigma_of[901] - 8.39) < 0.01 and abs(sigma_of[801] - 5.13) < 0.01
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
@@ -165,6 +207,27 @@ print("x_901:\n", xT, "\nby hand:\n", by_hand, "\nminisd DDIM:\n", ddim.step(eps
 print("predicted x0:\n", ddim.pred_x0)
 
 # %% [markdown]
+# Substituting $\hat x_0$ shows what the step does to $x_t$ (the notes' "removes the predicted
+# noise"): $x_{t_\text{prev}} = \sqrt{\bar\alpha_{t_\text{prev}}/\bar\alpha_t}\;x_t +
+# \big(\sqrt{1-\bar\alpha_{t_\text{prev}}} - \sqrt{\bar\alpha_{t_\text{prev}}(1-\bar\alpha_t)/\bar\alpha_t}\big)\,\epsilon$.
+# Divide by $\sqrt{\bar\alpha_{t_\text{prev}}}$ and write $\bar x = x_t/\sqrt{\bar\alpha_t}$: the step is
+# $\bar x_\text{prev} = \bar x + (\sigma_{t_\text{prev}} - \sigma_t)\,\epsilon$, which is one Euler step of
+# $d\bar x/d\sigma = \epsilon$, the probability-flow ODE that the Euler sampler integrates (derived
+# below). DDIM with $\eta = 0$ *is* Euler's method in $\sigma$, on the "leading" timesteps.
+
+# %%
+coef_x = (abar[t_prev] / abar[t]) ** 0.5
+coef_eps = (1 - abar[t_prev]) ** 0.5 - (abar[t_prev] * (1 - abar[t]) / abar[t]) ** 0.5
+print(f"t = {t} -> {t_prev}: x_prev = {coef_x:.4f} x_t + ({coef_eps:.4f}) eps")
+sig = ((1 - abar) / abar) ** 0.5
+euler_form = abar[t_prev] ** 0.5 * (xT / abar[t] ** 0.5 + (sig[t_prev] - sig[t]) * eps)
+print("max |DDIM - coefficients| =", f"{(by_hand - (coef_x * xT + coef_eps * eps)).abs().max():.1e}",
+      "  max |DDIM - Euler step in sigma| =", f"{(by_hand - euler_form).abs().max():.1e}")
+assert coef_x > 1.5 and coef_eps < 0
+torch.testing.assert_close(by_hand, coef_x * xT + coef_eps * eps)
+torch.testing.assert_close(by_hand, euler_form)
+
+# %% [markdown]
 # ## The five samplers on the toy
 #
 # Each starts from the same 2,000 noise points and takes 10 steps with the exact $\epsilon$.
@@ -206,13 +269,94 @@ plt.show()
 # PNDM already match the data. DDPM, which adds fresh noise at every step, sits in between;
 # it was designed for the full 1000-step chain.
 #
-# DDIM and DDPM are two ends of one family: DDIM's $\eta$ sets how much fresh noise each step
-# adds, from none ($\eta = 0$, SD's default: the same $x_T$ always gives the same sample) to
-# DDPM's amount ($\eta = 1$). Two runs from the same $x_T$ with different noise seeds:
+# ## DDPM's step, derived: the posterior $q(x_{t-1} \mid x_t, x_0)$
+#
+# DDPM's reverse step is the forward chain run backwards *given* $x_0$. By Bayes,
+# $q(x_{t-1} \mid x_t, x_0) \propto q(x_t \mid x_{t-1})\,q(x_{t-1} \mid x_0)$, a product of two
+# Gaussians in $x_{t-1}$: $\mathcal N(x_t; \sqrt{\alpha_t}x_{t-1}, \beta_t)$ and
+# $\mathcal N(x_{t-1}; \sqrt{\bar\alpha_{t-1}}x_0, 1-\bar\alpha_{t-1})$. Add their precisions and
+# precision-weight their means (using $\alpha_t(1-\bar\alpha_{t-1}) + \beta_t = 1-\bar\alpha_t$):
+#
+# $$
+# \tilde\beta_t = \Big(\frac{\alpha_t}{\beta_t} + \frac{1}{1-\bar\alpha_{t-1}}\Big)^{-1} = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\,\beta_t,
+# \qquad
+# \tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}\,x_0 + \frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}\,x_t .
+# $$
+#
+# A sampler does not know $x_0$, so DDPM puts in $\hat x_0$ and draws
+# $x_{t-1} = \tilde\mu_t + \sqrt{\tilde\beta_t}\,z$. With fewer than 1000 steps, $t-1$ becomes
+# $t_\text{prev}$ and $\beta_t$ the effective $1 - \bar\alpha_t/\bar\alpha_{t_\text{prev}}$.
+# *Check*, on a 1-D chain from $x_0 = 1.5$ for the jump $501 \to 401$ of 10 steps: (1) Monte Carlo:
+# draw $x_{401} \sim q(x_{401} \mid x_0)$, then $x_{501}$ given $x_{401}$, and regress $x_{401}$ on
+# $x_{501}$ (a Gaussian's conditional mean is linear: the slope is $\tilde\mu_t$'s coefficient of
+# $x_t$, the residual variance $\tilde\beta_t$); (2) `minisd.schedulers.DDPM.step` given the true
+# $\epsilon$, on 200,000 copies of one $x_t$: the mean and variance of what it returns.
 
 # %%
-from minisd.schedulers import DDIM
+from minisd.schedulers import DDIM, DDPM
 
+t, t_prev, x0_1d, n_mc = 501, 401, 1.5, 200_000
+a_t, a_p = abar[t].double(), abar[t_prev].double()
+beta_eff = 1 - a_t / a_p
+post_var = (1 - a_p) / (1 - a_t) * beta_eff
+cx0, cxt = a_p.sqrt() * beta_eff / (1 - a_t), (1 - beta_eff).sqrt() * (1 - a_p) / (1 - a_t)
+g = torch.Generator().manual_seed(0)
+x_p = a_p.sqrt() * x0_1d + (1 - a_p).sqrt() * torch.randn(n_mc, generator=g, dtype=torch.float64)
+x_t = (1 - beta_eff).sqrt() * x_p + beta_eff.sqrt() * torch.randn(n_mc, generator=g, dtype=torch.float64)
+slope = ((x_t - x_t.mean()) * (x_p - x_p.mean())).sum() / ((x_t - x_t.mean()) ** 2).sum()
+resid = (x_p - x_p.mean() - slope * (x_t - x_t.mean())).var()
+print(f"slope     Monte Carlo {slope:.4f}   closed form {cxt:.4f}")
+print(f"variance  Monte Carlo {resid:.5f}  closed form {post_var:.5f}")
+assert abs(slope - cxt) < 0.01 and abs(resid / post_var - 1) < 0.02
+
+xt_one = torch.full((n_mc, 1), 0.9)                                   # one x_t, many copies
+eps_true = (xt_one - abar[t] ** 0.5 * x0_1d) / (1 - abar[t]) ** 0.5   # the eps that makes x0 = 1.5
+ddpm = DDPM()
+ddpm.set_timesteps(10)
+out = ddpm.step(eps_true, t, xt_one, generator=torch.Generator().manual_seed(1))
+mean_cf = float(cx0 * x0_1d + cxt * 0.9)
+print(f"DDPM.step mean {out.mean():.4f} (closed form {mean_cf:.4f}),  variance {out.var():.5f} (closed form {post_var:.5f})")
+assert abs(out.mean() - mean_cf) < 4 * (post_var / n_mc) ** 0.5 and abs(out.var() / post_var - 1) < 0.02
+
+# %% [markdown]
+# ## DDIM as a family: $\eta$
+#
+# DDIM {cite}`song2021ddim` keeps DDPM's marginals $q(x_t \mid x_0)$ but allows any reverse
+# variance $\sigma_t^2$ with
+#
+# $$
+# q_\sigma(x_{t-1} \mid x_t, x_0) = \mathcal N\Big(\sqrt{\bar\alpha_{t-1}}\,x_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\;\frac{x_t - \sqrt{\bar\alpha_t}\,x_0}{\sqrt{1-\bar\alpha_t}},\ \sigma_t^2 I\Big),
+# \qquad \sigma_t = \eta\,\sqrt{\tilde\beta_t}.
+# $$
+#
+# The fraction is the noise $\epsilon$; the mean re-noises $x_0$ to level $t-1$ with as much of
+# the *same* $\epsilon$ as the fresh noise $\sigma_t$ leaves room for. $\eta = 0$ is the
+# deterministic DDIM step above. At $\eta = 1$, $1-\bar\alpha_{t-1}-\tilde\beta_t = \alpha_t(1-\bar\alpha_{t-1})^2/(1-\bar\alpha_t)$
+# and the mean becomes exactly DDPM's $\tilde\mu_t$: DDIM with $\eta = 1$ *is* DDPM. *Check*,
+# step by step: `DDIM(eta=1)` and `DDPM` on the toy, 10 steps, each step given the same $x_t$,
+# the same exact $\epsilon$ and generators seeded alike:
+
+# %%
+ddim1, ddpm = DDIM(eta=1.0), DDPM()
+ddim1.set_timesteps(10)
+ddpm.set_timesteps(10)
+x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+for t in ddpm.timesteps:
+    eps = toy_eps(x, t)
+    x_ddim = ddim1.step(eps, t, x, generator=torch.Generator().manual_seed(int(t)))
+    x_ddpm = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(int(t)))
+    print(f"t = {int(t):3d}: max |DDIM(eta=1) - DDPM| = {(x_ddim - x_ddpm).abs().max():.1e}")
+    if t > 1:
+        torch.testing.assert_close(x_ddim, x_ddpm, atol=1e-5, rtol=1e-5)
+    x = x_ddpm
+print("the last step differs by design: DDIM lands on abar_0 (set_alpha_to_one=False), DDPM on abar = 1")
+
+# %% [markdown]
+# So $\eta$ sets how much fresh noise each step adds, from none ($\eta = 0$, SD's default: the
+# same $x_T$ always gives the same sample) to DDPM's amount ($\eta = 1$). Two runs from the
+# same $x_T$ with different noise seeds:
+
+# %%
 for eta in [0.0, 1.0]:
     runs = []
     for seed in [0, 1]:
@@ -247,20 +391,138 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## Tweedie's formula and the probability-flow ODE
+#
+# Why is $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon)/\sqrt{\bar\alpha_t}$ the right guess? For
+# $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$, {term}`Tweedie's formula`
+# {cite}`efron2011tweedie` gives the posterior mean of the clean sample from the score of the
+# noisy marginal:
+#
+# $$
+# \mathbb E[x_0 \mid x_t] = \frac{x_t + (1-\bar\alpha_t)\,\nabla\log p_t(x_t)}{\sqrt{\bar\alpha_t}}
+# = \frac{x_t - \sqrt{1-\bar\alpha_t}\;\epsilon^*(x_t)}{\sqrt{\bar\alpha_t}},
+# \qquad \epsilon^*(x_t) = \mathbb E[\epsilon \mid x_t] = -\sqrt{1-\bar\alpha_t}\,\nabla\log p_t(x_t).
+# $$
+#
+# So the samplers' $\hat x_0$ is the posterior *mean*: a blur of every $x_0$ that could have
+# produced $x_t$, which is why early guesses sit between the modes. On the toy the posterior is
+# known without any score: given the component $k$, $x_0$ and $x_t$ are jointly Gaussian, so
+# $\mathbb E[x_0 \mid x_t, k] = \mu_k + \frac{\sqrt{\bar\alpha_t}\,s^2}{v_t}(x_t - \sqrt{\bar\alpha_t}\mu_k)$, weighted
+# by the responsibilities $\gamma_k(x_t)$. *Check*: that against Tweedie's formula with the
+# toy's exact $\epsilon$:
+
+# %%
+def posterior_mean_x0(x, t):
+    """E[x0 | x_t] on the toy, from the components' Gaussian posteriors (no score involved)."""
+    a = abar_at(t)
+    v = a * S ** 2 + 1 - a
+    gamma = torch.softmax(-((x[:, None, :] - a ** 0.5 * MU[None]) ** 2).sum(-1) / (2 * v), dim=1)  # (N, K)
+    per_k = MU[None] + (a ** 0.5 * S ** 2 / v) * (x[:, None, :] - a ** 0.5 * MU[None])           # (N, K, 2)
+    return (gamma[..., None] * per_k).sum(1)
+
+
+xs_check = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3)) * 1.5
+for t in [10, 300, 600, 999]:
+    a = abar_at(t)
+    tweedie = (xs_check - (1 - a) ** 0.5 * toy_eps(xs_check, t)) / a ** 0.5
+    d = (tweedie - posterior_mean_x0(xs_check, t)).abs().max().item()
+    print(f"t = {t:3d}: max |Tweedie - posterior mean| = {d:.1e}")
+    assert d < 1e-4
+
+# %% [markdown]
+# Now the ODE. Rescale $\bar x = x_t/\sqrt{\bar\alpha_t} = x_0 + \sigma\,\epsilon$ with
+# $\sigma = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$: the data plus Gaussian noise of standard deviation
+# $\sigma$, marginal $p_\sigma$. The {term}`probability-flow ODE` {cite}`song2021sde` moves
+# samples so that they keep the marginals $p_\sigma$ at every $\sigma$; in this parametrisation
+# {cite}`karras2022edm` it reads
+#
+# $$
+# \frac{d\bar x}{d\sigma} = -\sigma\,\nabla_{\bar x}\log p_\sigma(\bar x) = \frac{\bar x - \mathbb E[x_0 \mid \bar x]}{\sigma} = \epsilon^*,
+# $$
+#
+# the last two by Tweedie again. The Euler sampler takes exactly the step
+# $\bar x \leftarrow \bar x + (\sigma_\text{next} - \sigma)\,\epsilon$. On a single Gaussian,
+# $x_0 \sim \mathcal N(0, s^2 I)$, everything is closed form: $\epsilon^* = \sigma \bar x/(s^2 + \sigma^2)$,
+# and the ODE's solution is $\bar x(\sigma) = \bar x(\sigma_\text{max})\sqrt{(s^2+\sigma^2)/(s^2+\sigma_\text{max}^2)}$.
+# *Check*: `minisd`'s Euler, given this exact $\epsilon$ (the toy with one mode at the origin),
+# against the exact end point $\bar x(0)$, for step counts whose "linspace" timesteps are whole
+# numbers. The error must shrink as the steps do:
+
+# %%
+origin = torch.zeros(1, 2)
+x_T_small = x_T[:200]
+exact_end = x_T_small * sig[999] * S / (S ** 2 + sig[999] ** 2) ** 0.5   # x(sigma_max) = x_T * sigma_max
+euler_err = {}
+for n in [10, 28, 112, 334]:                    # 999 / (n - 1) is a whole number
+    euler = make_scheduler("euler")
+    euler.set_timesteps(n)
+    x = x_T_small * euler.init_noise_sigma
+    for t in euler.timesteps:
+        x = euler.step(toy_eps(euler.scale_model_input(x, t), t, modes=origin), t, x)
+    euler_err[n] = err = (x - exact_end).norm(dim=1).max().item()
+    print(f"Euler, {n:3d} steps: max distance to the exact ODE end point {err:.5f}   n x error {n * err:.3f}")
+assert euler_err[334] < euler_err[10] / 15 and euler_err[334] < euler_err[112] < euler_err[28] < euler_err[10]
+
+# %% [markdown]
+# Euler converges to the exact solution: 33 times the steps, 17 times less error. That is
+# slower than the $1/n$ of a first-order method on evenly spaced steps, because "linspace"
+# spaces the steps evenly in $t$, not in $\sigma$, while this ODE changes fastest (relative to
+# $\bar x$) at $\sigma = s = 0.3$, around $t \approx 80$, which 10 steps cross in one step.
+#
 # ## Classifier-free guidance
 #
 # Chapter 9 dropped the caption 10 % of the time, so one U-Net predicts both the conditional
 # $\epsilon_c = \epsilon_\theta(x_t, t, c)$ and the unconditional $\epsilon_u = \epsilon_\theta(x_t, t, \varnothing)$.
 # At sampling time SD runs both (a batch of two) and extrapolates from one to the other:
 #
-# $$\tilde\epsilon = \epsilon_u + s\,(\epsilon_c - \epsilon_u).$$
+# $$\tilde\epsilon = \epsilon_u + s\,(\epsilon_c - \epsilon_u),$$
 #
-# $s = 0$ ignores the prompt, $s = 1$ is the plain conditional model, and $s > 1$ (SD 1.5's
-# default is 7.5) pushes *further* in the direction the caption adds — sharper, more on-prompt
-# samples at the cost of variety (Ho & Salimans 2021).
+# {term}`classifier-free guidance` with {term}`guidance scale` $s$. $s = 0$ ignores the prompt, $s = 1$ is the plain conditional model, and $s > 1$ (diffusers'
+# default for SD 1.5 is 7.5) pushes *further* in the direction the caption adds — sharper, more on-prompt
+# samples at the cost of variety {cite}`ho2022cfg`.
+#
+# Why it works: by Bayes, $p_t(x \mid c) = p_t(x)\,p_t(c \mid x)/p(c)$, so the scores add,
+# $\nabla\log p_t(x \mid c) = \nabla\log p_t(x) + \nabla\log p_t(c \mid x)$. Since
+# $\epsilon = -\sqrt{1-\bar\alpha_t}\,\nabla\log p_t$, the guided $\tilde\epsilon$ is the score
+#
+# $$
+# -\frac{\tilde\epsilon}{\sqrt{1-\bar\alpha_t}} = \nabla\log p_t(x) + s\,\nabla\log p_t(c \mid x)
+# = \nabla\log\big[p_t(x)\,p_t(c \mid x)^s\big]:
+# $$
+#
+# the prompt's *implicit classifier* $p_t(c \mid x)$, raised to the power $s$. Classifier guidance
+# {cite}`dhariwal2021guided` needs that classifier as a separate network; classifier-free
+# guidance gets it from the difference of two predictions of one U-Net.
 #
 # In the toy, let the "caption" be *"the top-right mode"*: $\epsilon_c$ is the exact $\epsilon$
-# of that one Gaussian, $\epsilon_u$ the exact $\epsilon$ of the whole mixture.
+# of that one Gaussian, $\epsilon_u$ the exact $\epsilon$ of the whole mixture, and the
+# classifier $p_t(c \mid x)$ is the responsibility $\gamma_k(x)$, exact too. *Check*: the score of
+# $\log\gamma_k$ by autograd against $-(\epsilon_c - \epsilon_u)/\sqrt{1-\bar\alpha_t}$, and the guided
+# $\tilde\epsilon$ at $s = 3$ against the score of $\log[p_t(x)\gamma_k(x)^3]$:
+
+# %%
+def log_mixture(x, t, modes=MU):
+    """log p_t(x) on the toy, up to a constant: equal-weight mixture of N(sqrt(abar) mu_k, v I)."""
+    a = abar_at(t)
+    v = a * S ** 2 + 1 - a
+    return torch.logsumexp(-((x[:, None, :] - a ** 0.5 * modes[None]) ** 2).sum(-1) / (2 * v), dim=1)
+
+
+k_mode, s_check = 1, 3.0
+xs_cfg = (torch.randn(400, 2, generator=torch.Generator().manual_seed(4)) * 1.2).requires_grad_(True)
+for t in [100, 500, 900]:
+    a = abar_at(t)
+    score_p = torch.autograd.grad(log_mixture(xs_cfg, t).sum(), xs_cfg)[0]
+    log_cls = log_mixture(xs_cfg, t, MU[k_mode:k_mode + 1]) - log_mixture(xs_cfg, t)   # log gamma_k + const
+    score_cls = torch.autograd.grad(log_cls.sum(), xs_cfg)[0]
+    with torch.no_grad():
+        eps_u, eps_c = toy_eps(xs_cfg, t), toy_eps(xs_cfg, t, modes=MU[k_mode:k_mode + 1])
+        d_cls = (-(eps_c - eps_u) / (1 - a) ** 0.5 - score_cls).abs().max().item()
+        guided_eps = eps_u + s_check * (eps_c - eps_u)
+        d_cfg = (guided_eps + (1 - a) ** 0.5 * (score_p + s_check * score_cls)).abs().max().item()
+    print(f"t = {t}: max |classifier score - (eps_c - eps_u) form| = {d_cls:.1e}   "
+          f"max |guided eps - (-sqrt(1-abar)) score of p * p(c|x)^{s_check:g}| = {d_cfg:.1e}")
+    assert d_cls < 1e-4 and d_cfg < 1e-4
 
 # %%
 def guided(scale, mode=1):
@@ -291,12 +553,15 @@ plt.show()
 #
 # ## Steps vs error
 #
-# DDIM, Euler, DPM-Solver++ and PNDM all discretise the same probability-flow ODE, so from
-# the same $x_T$ they aim at the same end point. Solve it very finely (DPM-Solver++ with
-# 999 steps) to get that end point, then measure how far each sampler lands from it with
-# fewer steps (the median over 500 points: a point that starts on the border between two
-# modes may fall either way under any solver). DDPM is left out: it samples the right
-# distribution, but not this point.
+# DDIM, Euler, DPM-Solver++ and PNDM all discretise the same probability-flow ODE, but, as the
+# table at the top showed, not from the same starting point: given the same $x_T$, Euler and
+# DPM-Solver++ start the ODE at $\sigma = 14.6$ while "leading" DDIM and PNDM start it at the
+# level of their first timestep ($\sigma = 8.4$ at 10 steps, 11.7 at 25). As the step count
+# grows, their first timestep climbs to 999 and the starting points meet. Solve the ODE very
+# finely from $\sigma = 14.6$ (DPM-Solver++ with 999 steps) as the reference, then measure how far
+# each sampler lands from it with fewer steps (the median over 500 points: a point that starts
+# on the border between two modes may fall either way under any solver). DDPM is left out: it
+# samples the right distribution, but not this point.
 
 # %%
 ref = sample("dpm++2m", 999, x_T[:500])
@@ -316,6 +581,48 @@ plt.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
+# How much of DDIM's few-step error is its starting point? Split it with two fine ODE solves
+# written in a few lines (DDIM with $\eta = 0$ through *every* integer timestep, which is Euler's
+# method in $\sigma$ with the smallest steps the schedule has): one from $x_T$ placed at $t = 901$,
+# where 10-step DDIM places it, one from $x_T$ at $t = 999$.
+
+# %%
+def fine_flow(x, t_start):
+    """The ODE solved finely: DDIM (eta = 0) through every integer timestep from t_start down to 0."""
+    for t in range(t_start, 0, -1):
+        eps = toy_eps(x, t)
+        x = abar[t - 1] ** 0.5 * (x - (1 - abar[t]) ** 0.5 * eps) / abar[t] ** 0.5 + (1 - abar[t - 1]) ** 0.5 * eps
+    return x
+
+
+def median_dist(a, b):
+    return (a - b).norm(dim=1).median().item()
+
+
+from_999 = fine_flow(x_T[:500], 999)
+ddim10 = sample("ddim", 10, x_T[:500])
+split = {"10-step DDIM vs the reference (all of its error)": median_dist(ddim10, ref)}
+for n, start in [(5, 801), (10, 901)]:
+    split[f"fine ODE from t = {start} (where {n}-step DDIM starts) vs from t = 999"] = \
+        median_dist(fine_flow(x_T[:500], start), from_999)
+split["fine ODE from t = 999 vs the reference (stopping at abar_0)"] = median_dist(from_999, ref)
+for k, v in split.items():
+    print(f"{k:66s} {v:.4f}")
+print(f"signal share of x_t at the leading starts: sqrt(abar_801) = {abar[801] ** 0.5:.3f}, "
+      f"sqrt(abar_901) = {abar[901] ** 0.5:.3f}")
+starts = [v for k, v in split.items() if "where" in k]
+assert max(starts) < 0.05 * split["10-step DDIM vs the reference (all of its error)"]
+
+# %% [markdown]
+# On this toy the different start costs almost nothing: started at $t = 901$ or $801$ instead of
+# 999, the ODE lands within a few ten-thousandths of the same point, a small fraction of 10-step
+# DDIM's 0.12. The reason is in the last line: at those levels $x_t$ is still almost all noise
+# (the data contribute 12 % and 19 % of its amplitude), so $\mathcal N(0, I)$ is nearly the right
+# marginal there too, and from $t = 999$ down to 901 the flow barely moves a point. So the
+# few-step differences in the curves are solver order and where each sampler stops, not where it
+# starts (Exercise 10.1 tries "trailing" timesteps that start DDIM at 999). With data of larger
+# amplitude relative to the noise, or with 2-3 steps, the start would weigh more.
+#
 # What the curves say:
 #
 # - At 5–10 steps the multistep solvers lead: PNDM and DPM-Solver++ reuse earlier $\epsilon$
@@ -333,8 +640,8 @@ plt.show()
 # ## On the course model
 #
 # Now the real thing: chapter 9's course model (`StableDiffusion.course_model()`: the course
-# VAE, CLIP text encoder and U-Net, 32x32 images from 8x8x4 latents). Its own defaults are
-# 25 DDIM steps at guidance 4. To score samples without looking at them we use
+# VAE, CLIP text encoder and U-Net, 32x32 images from 8x8x4 latents). Its checkpoint stores its
+# sampling defaults (printed below with the pipeline). To score samples without looking at them we use
 # `minisd.metrics.Judge` (chapter 12), which reads colour, shape and position off an image.
 # The judge is itself a model that can be wrong, so first its accuracy on *real* course
 # images: the ceiling any generated-image score below should be read against.
@@ -557,7 +864,9 @@ plt.show()
 # make each change smaller, which is why PNDM recovers towards 25 steps above. The practical
 # reading: with strong guidance and few steps, prefer a sampler of order 2 or less (DDIM;
 # DPM-Solver++(2M) is second order too). That, and not a preference, is why the course model's
-# defaults are DDIM, 25 steps, guidance 4, rather than SD's PNDM, 50 steps, 7.5.
+# sampler is DDIM rather than SD's PNDM. (Its stored guidance, 4, is not a finding of this
+# chapter: on the 15 prompts of the sweep above every scale from 2 to 8 was judged right, with
+# the shapes pinching more as $s$ grows.)
 #
 # ## Ours == diffusers, step by step
 #
@@ -592,3 +901,122 @@ for name in NAMES:
         d = max(d, (x_ours - x_theirs).abs().max().item())
         x = x_ours
     print(f"{name:8s} ours == diffusers over {len(theirs.timesteps)} steps: max |diff| = {d:.1e}")
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 10.1 (★★)** diffusers' `timestep_spacing="trailing"` counts the steps back from
+# $t = 999$ instead of up from 0: for 10 steps, $999, 899, \dots, 99$. Give `minisd`'s DDIM these
+# timesteps (set `.timesteps` after `set_timesteps(10)`; its step size stays 100) and measure its
+# median distance to the reference on the toy. Does starting at $\sigma_\text{max}$ shrink 10-step
+# DDIM's error?
+
+# %% tags=["solution", "hide-cell"]
+trailing = DDIM()
+trailing.set_timesteps(10)
+trailing.timesteps = torch.arange(999, 0, -100)                         # 999, 899, ..., 99
+x = x_T[:500].clone()
+for t in trailing.timesteps:
+    x = trailing.step(toy_eps(x, t), t, x)
+err_leading, err_trailing = median_dist(ddim10, ref), median_dist(x, ref)
+print("trailing timesteps:", trailing.timesteps.tolist())
+print(f"10-step DDIM, median distance to the reference: leading {err_leading:.4f}, trailing {err_trailing:.4f}")
+# no: the error is the solver's, not the start's (trailing is even slightly worse here)
+assert abs(err_trailing - err_leading) < 0.1 * err_leading
+
+# %% [markdown]
+# **Exercise 10.2 (★★)** Tweedie's $\hat x_0$ at the two ends of the chain. On the toy, for
+# 1,000 points $x_t$ drawn from $p_t$ itself, how far does $\mathbb E[x_0 \mid x_t]$ stray from the
+# data mean at $t = 999$ (its spread), and how far is it from $x_t/\sqrt{\bar\alpha_t}$ at $t = 1$?
+# What does that say about what the first and the last sampler steps can know?
+
+# %% tags=["solution", "hide-cell"]
+g = torch.Generator().manual_seed(7)
+data_x0 = MU[torch.randint(0, 5, (1000,), generator=g)] + S * torch.randn(1000, 2, generator=g)
+noise = torch.randn(1000, 2, generator=g)
+spread = {}
+for t in [999, 1]:
+    xt_ = abar[t] ** 0.5 * data_x0 + (1 - abar[t]) ** 0.5 * noise
+    spread[t] = posterior_mean_x0(xt_, t)
+    if t == 1:
+        gap = (spread[1] - xt_ / abar[1] ** 0.5).norm(dim=1).max().item()
+print(f"t = 999: E[x0|x_t] has spread {spread[999].std(0).mean():.4f} around {spread[999].mean(0).numpy().round(3)} "
+      f"(data spread {data_x0.std(0).mean():.3f})")
+print(f"t = 1: max |E[x0|x_t] - x_t / sqrt(abar)| = {gap:.4f}")
+# at t = 999 every guess is close to the mixture mean (0, 0): the first step knows almost nothing;
+# at t = 1 the guess is the rescaled sample itself, up to a few hundredths of shrinkage towards the modes
+assert spread[999].std(0).mean() < 0.1 and gap < 0.05
+
+# %% [markdown]
+# **Exercise 10.3 (★★★, break it and watch)** A sampler must use the noise schedule the U-Net
+# was trained with: the U-Net only sees $t$, the sampler turns $t$ into $\bar\alpha_t$. Build DDIM
+# on DDPM's linear schedule instead, `DDIM(NoiseSchedule.ddpm())`, run the course model with it
+# (10 steps, guidance 4, the 15 sweep prompts; the pipeline takes a sampler object) and judge
+# the images against 10-step DDIM on the right schedule from "Steps vs quality". What happens
+# to the images' brightness, and why?
+
+# %% tags=["solution", "hide-cell"]
+from minisd.diffusion import NoiseSchedule  # noqa: E402
+
+wrong_images = to_uint8(pipe(prompts, steps=10, guidance=4.0, scheduler=DDIM(NoiseSchedule.ddpm()), seed=0,
+                             output_type="np", progress=False))
+wrong_acc = judge.accuracy(wrong_images, prompts)
+print("right schedule (SD's):   " + "  ".join(f"{k} {v:6.1%}" for k, v in step_acc["ddim", 10].items()))
+print("wrong schedule (DDPM's): " + "  ".join(f"{k} {v:6.1%}" for k, v in wrong_acc.items()))
+abar_ddpm = NoiseSchedule.ddpm().alphas_cumprod
+for t in [901, 501, 101]:
+    print(f"t = {t}: sqrt(abar) the U-Net was trained with {abar[t] ** 0.5:.3f}, the wrong sampler assumes "
+          f"{abar_ddpm[t] ** 0.5:.3f}")
+print(f"mean pixel: wrong schedule {wrong_images.mean():.1f} / 255, right schedule (25 steps, the sweep's s = 4) "
+      f"{sweep[4.0].mean():.1f} / 255")
+fig = data.show(wrong_images[:5], prompts[:5], ncols=5, fontsize=6)
+plt.show()
+# the sampler divides by a much smaller sqrt(abar) than the U-Net's noise level implies, so its
+# x0-hat is blown up: brighter images whose colours and shapes the judge misreads
+assert wrong_acc["all"] < 0.6 < step_acc["ddim", 10]["all"] and wrong_images.mean() > 1.5 * sweep[4.0].mean()
+
+# %% [markdown]
+# **Exercise 10.4 (★★)** A negative prompt replaces $\epsilon_u$ by the prediction for another
+# caption $c^-$: $\tilde\epsilon = \epsilon_{c^-} + s(\epsilon_c - \epsilon_{c^-})$, the score of
+# $p_t(x \mid c^-)\,[p_t(x \mid c)/p_t(x \mid c^-)]^s$. On the toy, ask for the top-right mode
+# $(1, 1)$ at $s = 3$ with the negative "bottom-left mode" $(-1, -1)$ and then "top-left mode"
+# $(-1, 1)$. Where does the mean of the samples move, compared with guidance from the whole
+# mixture?
+
+# %% tags=["solution", "hide-cell"]
+def negative_guided(scale, mode=1, negative=None):
+    def eps_fn(x, t):
+        eps_u = toy_eps(x, t) if negative is None else toy_eps(x, t, modes=MU[negative:negative + 1])
+        return eps_u + scale * (toy_eps(x, t, modes=MU[mode:mode + 1]) - eps_u)
+    return eps_fn
+
+
+means = {}
+for label, neg in [("mixture", None), ("bottom-left", 2), ("top-left", 0)]:
+    out = sample("ddim", 25, x_T[:500], eps_fn=negative_guided(3.0, negative=neg))
+    means[label] = out.mean(0)
+    print(f"s = 3 away from {label:12s}: mean {means[label].numpy().round(3)}, spread {out.std(0).mean():.3f}")
+# With one Gaussian as the negative, the guided score is exactly that of N(mu_c + (s - 1)(mu_c - mu_neg), S^2):
+# pushed along the diagonal to (5, 5), or straight right to (5, 1), far past the mode asked for.
+for label, neg in [("bottom-left", 2), ("top-left", 0)]:
+    target = MU[1] + 2.0 * (MU[1] - MU[neg])
+    print(f"away from {label}: expected mean {target.numpy()}")
+    assert (means[label] - target).abs().max() < 0.2
+
+# %% [markdown]
+# ## What you built
+#
+# - Five samplers in `minisd.schedulers` (`DDPM`, `DDIM`, `Euler`, `DPMPP2M`, `PNDM`, by name
+#   through `make_scheduler`), each equal to the diffusers scheduler that SD 1.5's config
+#   builds, step by step; where each starts and stops (the timestep spacing) is part of
+#   what it computes.
+# - The maths under them, each checked with numbers: DDPM's posterior
+#   $q(x_{t-1} \mid x_t, x_0)$; DDIM's $\eta$ family with $\eta = 1$ equal to DDPM; DDIM with
+#   $\eta = 0$ as Euler's method on the {term}`probability-flow ODE` in $\sigma$;
+#   {term}`Tweedie's formula` behind every sampler's $\hat x_0$.
+# - Classifier-free guidance as the score of $p_t(x)\,p_t(c \mid x)^s$, exact on a
+#   toy, and measured on the course model: what the guidance scale and the sampler's
+#   order do to judged accuracy.
+#
+# Next, chapter 11 joins the samplers to the text encoder, the U-Net and the VAE in
+# `minisd.StableDiffusion`, and loads SD 1.5 itself.

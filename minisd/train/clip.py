@@ -60,6 +60,8 @@ def train_clip_model(config=None, steps=300, batch_size=64, lr=2e-3, seed=0, n_t
             log["scale"].append(model.scale().item())
             bar.set_postfix(loss=f"{total / log_every:.3f}", scale=f"{model.scale().item():.1f}")
             total = 0.0
+        elif step == steps:  # the last redraw shows the final steps' mean, not the last logged one
+            bar.set_postfix(loss=f"{total / (steps % log_every):.3f}", scale=f"{model.scale().item():.1f}")
     table.sparse = False
     return model.eval(), log
 

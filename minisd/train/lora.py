@@ -120,7 +120,7 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="bar", rank=4, alpha=
         opt.step()
         sched.step()
         log["loss"].append(loss.item())
-        if step % 25 == 0:
+        if step % 25 == 0 or step == steps - 1:  # the last redraw shows the final mean
             bar.set_postfix(loss=f"{sum(log['loss'][-25:]) / len(log['loss'][-25:]):.4f}")
     return unet.eval(), log
 

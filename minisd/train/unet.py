@@ -84,7 +84,7 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
         log["loss"].append(loss.item())
-        if step % 50 == 0:
+        if step % 50 == 0 or step == steps - 1:  # the last redraw shows the final mean
             bar.set_postfix(loss=f"{sum(log['loss'][-50:]) / len(log['loss'][-50:]):.4f}")
     return unet.eval(), ema, log
 
