@@ -83,17 +83,16 @@ class CLIPTokenizer:
         self.cache = {}  # word (no spaces) -> its ids
 
     @classmethod
-    def sd15(cls, clean=None):
+    def sd15(cls, clean=None, pad=EOS):
         """SD 1.x's tokenizer: CLIP ViT-L/14's vocabulary, from data/."""
         from . import DATA_DIR
-        return cls(DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean)
+        return cls(DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean, pad=pad)
 
     @classmethod
     def sd2(cls, clean=None):
         """SD 2.x's tokenizer: the same vocabulary, but it pads with "!" (id 0), as OpenCLIP's
         tokenizer pads with 0 and diffusers' SD 2 tokenizer_config.json says pad_token "!"."""
-        from . import DATA_DIR
-        return cls(DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean, pad="!")
+        return cls.sd15(clean=clean, pad="!")
 
     @property
     def vocab_size(self):

@@ -60,6 +60,9 @@ def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, see
         scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    # the scheduler as a user who loads the folder gets it: from the file diffusers just wrote, which
+    # names every field (timestep_spacing "leading" too), so Cls.from_config carries them all over
+    pipe.scheduler = diffusers.PNDMScheduler.from_pretrained(str(folder), subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

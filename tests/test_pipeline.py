@@ -1,6 +1,7 @@
 """minisd.pipeline (chapter 11): the same images as diffusers' StableDiffusionPipeline on the
 same weights and initial latents, every sampler; img2img; defaults; errors; the CLI."""
 import gc
+import json
 import warnings
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 import minisd
 from minisd import StableDiffusion, weights
 from minisd.pipeline import main
-from reference_sd import SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline, use_scheduler
+from reference_sd import (SCHEDULER_CLASSES, SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline,
+                          use_scheduler)
 
 PROMPTS = ["a red circle in the top left", "an astronaut riding a horse"]
 
@@ -215,6 +217,94 @@ def test_generate_command_writes_a_png(tiny, tmp_path, capsys):
     assert Image.open(out).size == (16, 16)
     assert main([PROMPTS[0], "--weights", str(folder), "--size", "17", "--out", str(out)]) == 1
     assert "multiple of 2" in capsys.readouterr().err
+
+
+# --- the scheduler file configures every sampler (issue 17) -----------------------------------
+
+# SD 1.5's original file; as a current diffusers writes it (naming "leading"); SD 2.1's v file;
+# a zero-terminal-SNR fine-tune's "trailing" + rescaled betas (all as in test_schedulers)
+SCHEDULER_FILES = {
+    "sd15": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER},
+    "leading": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER, "timestep_spacing": "leading",
+                "prediction_type": "epsilon"},
+    "sd21-v": {"_class_name": "DDIMScheduler", **SD15_SCHEDULER, "prediction_type": "v_prediction"},
+    "zero-snr": {"_class_name": "DDIMScheduler", **SD15_SCHEDULER, "prediction_type": "v_prediction",
+                 "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+}
+
+
+@pytest.fixture(scope="module")
+def scheduler_folders(tiny, tmp_path_factory):
+    """The tiny folder once per scheduler file (the weights linked, not copied)."""
+    _, _, folder = tiny
+    out = {}
+    for key, file in SCHEDULER_FILES.items():
+        copy = tmp_path_factory.mktemp(key) / "sd"
+        copy.mkdir()
+        for part in folder.iterdir():
+            if part.name != "scheduler":
+                (copy / part.name).symlink_to(part)
+        (copy / "scheduler").mkdir()
+        (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(file))
+        out[key] = copy
+    return out
+
+
+@pytest.mark.parametrize("file", list(SCHEDULER_FILES))
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpm++2m", "ddpm"])
+def test_each_sampler_under_each_scheduler_file_equals_diffusers(tiny, scheduler_folders, name, file):
+    """As a diffusers user runs it: the pipeline loads the folder's scheduler class, then
+    Cls.from_config(pipe.scheduler.config) swaps the sampler; ours reads the same file."""
+    import diffusers
+    ref, _, _ = tiny
+    folder = scheduler_folders[file]
+    loaded = getattr(diffusers, SCHEDULER_FILES[file]["_class_name"]).from_pretrained(folder, subfolder="scheduler")
+    ref.scheduler = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(loaded.config)
+    ours = StableDiffusion.from_pretrained(folder)
+    assert ours.scheduler == SCHEDULER_FILES[file]["_class_name"].removesuffix("Scheduler").lower()
+    x = initial_latents()
+    theirs = ref(PROMPTS, height=16, width=16, num_inference_steps=4, guidance_scale=7.5, latents=x,
+                 output_type="np", generator=torch.Generator().manual_seed(1)).images
+    image = ours(PROMPTS, height=16, width=16, steps=4, guidance=7.5, scheduler=name, latents=x,
+                 output_type="np", seed=1, progress=False)
+    assert theirs.std() > 0.05
+    d = np.abs(image - theirs).max()
+    print(f"{name} under {file}: max |diff| = {d:.1e}")
+    assert d <= 1e-3, f"{name} under {file}: max |diff| = {d:.1e}"
+
+
+def test_the_scheduler_files_change_the_images(scheduler_folders):
+    """The four files give four different runs (the parity above is not the same run four times)."""
+    x = initial_latents(1)
+
+    def image(file, name):
+        return StableDiffusion.from_pretrained(scheduler_folders[file])(
+            PROMPTS[0], steps=4, scheduler=name, latents=x, output_type="np", progress=False)
+
+    assert np.abs(image("sd15", "euler") - image("leading", "euler")).max() > 0.01      # linspace vs leading
+    assert np.abs(image("sd15", "ddim") - image("sd21-v", "ddim")).max() > 0.01        # epsilon vs v
+    assert np.abs(image("sd21-v", "ddim") - image("zero-snr", "ddim")).max() > 0.01    # leading vs trailing, betas
+
+
+def test_scheduler_file_with_an_unsupported_field_is_refused(tiny, tmp_path):
+    _, _, folder = tiny
+    copy = tmp_path / "sd"
+    copy.mkdir()
+    for part in folder.iterdir():
+        if part.name != "scheduler":
+            (copy / part.name).symlink_to(part)
+    (copy / "scheduler").mkdir()
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD15_SCHEDULER, "use_karras_sigmas": True}))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        StableDiffusion.from_pretrained(copy)
+
+
+def test_prediction_type_overrides_the_file(tiny):
+    _, _, folder = tiny
+    pipe = StableDiffusion.from_pretrained(folder, prediction_type="v_prediction")
+    assert pipe.scheduler_config.prediction_type == "v_prediction" and pipe.scheduler_config.steps_offset == 1
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        StableDiffusion.from_pretrained(folder, prediction_type="sample")
 
 
 # --- SD 1.5 size ----------------------------------------------------------------------------
