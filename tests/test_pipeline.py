@@ -374,3 +374,21 @@ def test_seed_gives_the_same_noise_on_cuda(tiny):
     a = cpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     b = gpu(PROMPTS[0], steps=2, seed=5, output_type="np", progress=False)
     assert np.abs(a - b).max() < 1e-2  # TF32 convolutions on the GPU; other noise would differ by ~0.3
+
+
+@pytest.mark.gpu
+def test_real_sd21_on_cuda():
+    """Real SD 2.1 weights (MINISD_SD21: a diffusers folder or the original single file) in float16:
+    the model's own size, sampler and prediction type, and an image that is neither NaN nor black
+    (SD 2.1's attention overflows float16 without upcast_attention)."""
+    import os
+    path = os.environ.get("MINISD_SD21")
+    if not torch.cuda.is_available() or not path:
+        pytest.skip("needs CUDA and MINISD_SD21 (a local SD 2.1 folder or .safetensors)")
+    pipe = StableDiffusion.from_pretrained(path, device="cuda", dtype=torch.float16)
+    assert pipe.unet.config.upcast_attention and pipe.text_encoder.config.act == "gelu"
+    assert pipe.scheduler_config.prediction_type == "v_prediction" and pipe.scheduler == "ddim"
+    image = pipe("a photograph of an astronaut riding a horse", steps=20, seed=0, output_type="np",
+                 progress=False)
+    assert image.shape == (1, 768, 768, 3) and np.isfinite(image).all()
+    assert image.std() > 0.05, "a flat (black) image: attention overflowed in float16?"
