@@ -83,7 +83,7 @@ class StableDiffusion:
             sd = weights.load_state_dict(path, device)
             pipe = weights.from_original(sd, source=str(path), device=device, dtype=dtype)
             config, name = single_file_scheduler(pipe.unet.config, sd.get("global_step"), prediction_type)
-            if pipe.unet.config.context_dim == 1024 and config.prediction_type == "epsilon":
+            if pipe.unet.config.linear_projection and config.prediction_type == "epsilon":
                 pipe.unet.config = replace(pipe.unet.config, sample_size=64)  # SD 2.x-base: 512 px, not 768
         if prediction_type is not None:
             config = replace(config, prediction_type=prediction_type)
@@ -306,12 +306,12 @@ def folder_scheduler(folder):
 
 def single_file_scheduler(unet_config, global_step=None, prediction_type=None):
     """(SchedulerConfig, default sampler name) for an original single file, which carries no
-    scheduler file. SD 1.x: SD 1.5's original file, PNDM. SD 2.x (1024-wide context): SD 2.1's
+    scheduler file. SD 1.x: SD 1.5's original file, PNDM. SD 2.x (linear projections): SD 2.1's
     file, DDIM, with the prediction type diffusers' single-file loader picks: the 512-base and
     the 768-v models share one architecture, so it goes by the training step the file records,
     epsilon for 875,000 (SD 2.0-base) and v_prediction otherwise (files rarely record it: pass
     prediction_type="epsilon" for the -base models)."""
-    if unet_config.context_dim != 1024:
+    if not unet_config.linear_projection:
         return SchedulerConfig.sd15(), "pndm"
     if prediction_type is None:
         prediction_type = "epsilon" if global_step == 875000 else "v_prediction"
@@ -343,10 +343,10 @@ def _to_tensor(image):
 def main(argv=None):
     """`python -m minisd generate PROMPT --out FILE.png [...]`: one image from the terminal."""
     parser = argparse.ArgumentParser(prog="python -m minisd generate",
-                                     description="Text to image, with the course model (default) or real SD 1.x "
+                                     description="Text to image, with the course model (default) or real SD 1.x/2.x "
                                                  "weights (--weights).")
     parser.add_argument("prompt")
-    parser.add_argument("--weights", help="a diffusers folder or an SD 1.x .safetensors/.ckpt (default: the "
+    parser.add_argument("--weights", help="a diffusers folder or an SD 1.x/2.x .safetensors/.ckpt (default: the "
                                           "course model from data/)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

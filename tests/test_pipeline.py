@@ -11,8 +11,8 @@ import torch
 import minisd
 from minisd import StableDiffusion, weights
 from minisd.pipeline import main
-from reference_sd import (SCHEDULER_CLASSES, SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline,
-                          use_scheduler)
+from reference_sd import (SCHEDULER_CLASSES, SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, SD21_SCHEDULER, SD21_TEXT,
+                          SD21_UNET, TINY2_TEXT, TINY2_UNET, reference_pipeline, use_scheduler)
 
 PROMPTS = ["a red circle in the top left", "an astronaut riding a horse"]
 
@@ -307,6 +307,38 @@ def test_prediction_type_overrides_the_file(tiny):
         StableDiffusion.from_pretrained(folder, prediction_type="sample")
 
 
+# --- SD 2.x ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd2") / "sd"
+    ref = reference_pipeline(folder, unet=TINY2_UNET, text=TINY2_TEXT, scheduler=("DDIMScheduler", SD21_SCHEDULER),
+                             pad_token="!")
+    return ref, StableDiffusion.from_pretrained(folder), folder
+
+
+def test_sd2_folder_reads_as_sd2(tiny2):
+    _, ours, _ = tiny2
+    assert ours.unet.config.linear_projection and ours.unet.config.upcast_attention
+    assert ours.unet.config.heads == (1, 2) and ours.text_encoder.config.act == "gelu"
+    assert ours.tokenizer.pad_id == 0 and ours.scheduler == "ddim"
+    assert ours.scheduler_config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "dpm++2m"])
+def test_sd2_folder_equals_diffusers(tiny2, name):
+    """A tiny SD 2-style folder (linear projections, GELU text encoder, "!" padding, v-prediction)."""
+    ref, ours, _ = tiny2
+    use_scheduler(ref, name)
+    x = initial_latents()
+    theirs = ref(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, num_inference_steps=4,
+                 guidance_scale=7.5, latents=x, output_type="np").images
+    image = ours(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, steps=4, guidance=7.5,
+                 scheduler=name, latents=x, output_type="np", progress=False)
+    assert theirs.std() > 0.05
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+
+
 # --- SD 1.5 size ----------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -347,6 +379,31 @@ def test_sd15_folder_and_single_file_equal_diffusers(tmp_path):
                     assert torch.equal(state[rename(key)], f.get_tensor(key)), key
                     seen += 1
     assert seen == 686 + 248 + 196
+
+
+@pytest.mark.slow
+def test_sd21_folder_equals_diffusers(tmp_path):
+    """Random SD 2.1 weights (seeded) at SD 2.1's configuration, saved by diffusers with SD 2.1's
+    scheduler file (DDIM, v-prediction) and tokenizer ("!" padding); 256x256, 3 steps at guidance
+    7.5. One pipeline in memory at a time."""
+    ref = reference_pipeline(tmp_path / "sd21", unet=SD21_UNET, vae=SD15_VAE, text=SD21_TEXT,
+                             scheduler=("DDIMScheduler", SD21_SCHEDULER), pad_token="!", max_shard_size="500MB")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompt = "a photograph of an astronaut riding a horse"
+    theirs = ref(prompt, height=256, width=256, num_inference_steps=3, guidance_scale=7.5, latents=x,
+                 output_type="np").images
+    del ref
+    gc.collect()
+    ours = StableDiffusion.from_pretrained(tmp_path / "sd21")
+    assert ours.unet.config == minisd.UNetConfig.sd21() and ours.text_encoder.config == minisd.CLIPTextConfig.sd2()
+    assert (ours.scheduler, ours.scheduler_config) == ("ddim", minisd.schedulers.SchedulerConfig.sd21())
+    image = ours(prompt, height=256, width=256, steps=3, guidance=7.5, latents=x, output_type="np", progress=False)
+    del ours
+    gc.collect()
+    assert theirs.std() > 0.05
+    d = np.abs(image - theirs).max()
+    print(f"SD 2.1 size, 256x256, 3 DDIM steps: max |diff| vs diffusers = {d:.1e}")
+    assert d <= 2e-3, f"max |diff| vs diffusers = {d:.1e}"
 
 
 # --- GPU ----------------------------------------------------------------------------------
