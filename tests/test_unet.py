@@ -308,3 +308,25 @@ def test_sd15_unet_in_float16_on_cuda_matches_diffusers():
     # ours is as close to the float32 answer as diffusers' own float16 run is (and close to it)
     assert (a - exact).abs().max() <= 1.5 * (b - exact).abs().max() + 1e-3
     assert (a - b).abs().max() / b.std() < 2e-2
+
+
+@pytest.mark.gpu
+def test_sd21_unet_in_float16_on_cuda_matches_diffusers():
+    """SD 2.1's U-Net in float16 (upcast_attention on, as SD 2.1 sets it) against diffusers' on the
+    same fp16 tensors, both measured against diffusers in float32 (written for the GPU machine;
+    the bounds are those of the SD 1.5 test above)."""
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**UNetConfig.sd21().to_diffusers())
+    theirs.load_state_dict(random_weights(theirs), assign=True)
+    theirs = theirs.to("cuda", torch.float16).eval()
+    ours = weights.load_unet(theirs.state_dict(), UNetConfig.sd21()).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 96, 96, generator=g).to("cuda", torch.float16)
+    ctx = torch.randn(2, 77, 1024, generator=g).to("cuda", torch.float16)
+    t = torch.tensor([999, 10], device="cuda")
+    with torch.no_grad():
+        a, b = ours(x, t, ctx).float(), theirs(x, t, encoder_hidden_states=ctx).sample.float()
+        exact = theirs.float()(x.float(), t, encoder_hidden_states=ctx.float()).sample
+    assert torch.isfinite(a).all()
+    assert (a - exact).abs().max() <= 1.5 * (b - exact).abs().max() + 1e-3
+    assert (a - b).abs().max() / b.std() < 2e-2
