@@ -290,7 +290,7 @@ plt.show()
 # `first_stage_model.` counts its decoder blocks from the bottom and stores its attention as
 # 1x1 convolutions; `minisd.weights` holds one readable key map per layout, infers the
 # configuration from the tensor shapes, and refuses what it cannot load with a reason
-# (an SD 2.x file, a LoRA file, a truncated download). No weights are downloaded here: set
+# (an SDXL file, a LoRA file, a truncated download). No weights are downloaded here: set
 # `MINISD_SD15` to a local copy and run this notebook on a machine with a GPU.
 
 # %%

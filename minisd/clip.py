@@ -13,7 +13,7 @@ both sides end in a normalised embedding and matching image/caption pairs are pu
 """
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,11 @@ class CLIPTextConfig:
     positions: int = 77
     eps: float = 1e-5
     act: str = "quick_gelu"  # OpenAI's CLIP; OpenCLIP (SD 2.x) uses "gelu"
+
+    def __repr__(self):
+        """The dataclass repr, but the activation only where it is not OpenAI's quick_gelu."""
+        shown = [f.name for f in fields(self) if f.name != "act" or self.act != "quick_gelu"]
+        return f"CLIPTextConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     @classmethod
     def sd15(cls):

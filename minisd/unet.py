@@ -6,7 +6,7 @@ UpBlock and CrossAttnUpBlocks that concatenates the encoder's skip features on c
 865,910,724 (chapter 11: what changed); `UNetConfig.tiny()` the same code with small numbers.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +42,12 @@ class UNetConfig:
         for c in self.block_channels:
             if c % self.groups:
                 raise ValueError(f"{c} channels cannot be split into {self.groups} GroupNorm groups")
+
+    def __repr__(self):
+        """The dataclass repr, but SD 2.x's two switches only where they are on."""
+        shown = [f.name for f in fields(self) if f.name not in ("linear_projection", "upcast_attention")
+                 or getattr(self, f.name)]
+        return f"UNetConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     @classmethod
     def sd15(cls):
