@@ -75,8 +75,8 @@ class StableDiffusion:
             raise FileNotFoundError(f"no weights at {path}: pass a diffusers folder (with unet/, vae/ and "
                                     "text_encoder/) or one SD 1.x/2.x .safetensors/.ckpt file")
         if path.is_dir():
+            config, name, pad = folder_scheduler(path)  # a bad scheduler file is refused before the weights load
             pipe = weights.from_diffusers_folder(path, device=device, dtype=dtype)
-            config, name, pad = folder_scheduler(path)
             if pad is not None:
                 pipe.tokenizer = CLIPTokenizer.sd15(pad=pad)
         else:
@@ -297,9 +297,10 @@ def folder_scheduler(folder):
         name = DIFFUSERS_SCHEDULERS.get(d.get("_class_name"), "pndm" if config.prediction_type == "epsilon" else "ddim")
     pad = None
     for part in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / "tokenizer" / part).exists():
-            pad = json.loads((folder / "tokenizer" / part).read_text()).get("pad_token", pad)
-            pad = pad.get("content") if isinstance(pad, dict) else pad
+        tokens = folder / "tokenizer" / part
+        if tokens.exists() and json.loads(tokens.read_text()).get("pad_token") is not None:
+            pad = json.loads(tokens.read_text())["pad_token"]
+            pad = pad.get("content") if isinstance(pad, dict) else pad  # {"content": "!", ...} in older files
             break
     return config, name, pad if pad != EOS else None
 
