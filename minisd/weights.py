@@ -642,11 +642,12 @@ def family_mismatch(key, file_shape, model_shape):
     widths = {768: "SD 1.x (CLIP ViT-L/14, 768 wide)", 1024: "SD 2.x (OpenCLIP ViT-H/14, 1024 wide)",
               2048: "SDXL (two text encoders, 2048 wide)"}
     text = key.endswith(("to_k.weight", "to_v.weight")) or "embedding" in key or "layer_norm" in key
-    if text and file_shape[-1] in widths and model_shape[-1] in widths and file_shape[-1] != model_shape[-1]:
+    if text and file_shape[-1] in widths and file_shape[-1] != model_shape[-1]:
         if file_shape[-1] == 2048:
             return f"the file is {widths[2048]}; minisd loads SD 1.x and SD 2.x only"
         fix = "UNetConfig.sd21() / CLIPTextConfig.sd2()" if file_shape[-1] == 1024 else "UNetConfig.sd15() / CLIPTextConfig.sd15()"
-        return (f"the file is {widths[file_shape[-1]]} but the config is {widths[model_shape[-1]]}: use {fix}, "
+        model = widths.get(model_shape[-1], f"{model_shape[-1]} wide")
+        return (f"the file is {widths[file_shape[-1]]} but the config is {model}: use {fix}, "
                 "or StableDiffusion.from_pretrained, which reads the config from the files")
     return "the file and the config describe different models"
 
