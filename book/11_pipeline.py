@@ -290,7 +290,7 @@ plt.show()
 # `first_stage_model.` counts its decoder blocks from the bottom and stores its attention as
 # 1x1 convolutions; `minisd.weights` holds one readable key map per layout, infers the
 # configuration from the tensor shapes, and refuses what it cannot load with a reason
-# (an SD 2.x file, a LoRA file, a truncated download). No weights are downloaded here: set
+# (an SDXL file, a LoRA file, a truncated download). No weights are downloaded here: set
 # `MINISD_SD15` to a local copy and run this notebook on a machine with a GPU.
 
 # %%
@@ -310,7 +310,229 @@ else:
 # In float16 the U-Net and text encoder run at half the memory; the VAE stays in float32,
 # because SD's VAE decoder overflows float16's range at 512x512 and returns NaN (a black image).
 # diffusers solves it the same way (`force_upcast`).
+
+# %% [markdown]
+# ## SD 1 and SD 2
 #
+# Stable Diffusion 2.0 and 2.1 (Stability AI, late 2022) keep every idea of the chapters
+# before: a VAE, a U-Net with cross-attention, a CLIP {term}`text encoder`, a sampler. What
+# changed is a handful of numbers, one text encoder and one training target. In `minisd` each
+# difference is a config field, so both families are the same code: `UNetConfig.sd21()`,
+# `CLIPTextConfig.sd2()`, `CLIPTokenizer.sd2()` and `SchedulerConfig.sd21()` are SD 2.1's
+# presets next to SD 1.5's. The table below is computed from those configs (the models are
+# built on the meta device: shapes only, no memory, no weights).
+
+# %%
+from minisd.schedulers import SchedulerConfig
+
+with torch.device("meta"):
+    sizes = {name: (sum(p.numel() for p in minisd.UNet(u).parameters()),
+                    sum(p.numel() for p in minisd.CLIPTextEncoder(c).parameters()))
+             for name, u, c in [("SD 1.5", minisd.UNetConfig.sd15(), minisd.CLIPTextConfig.sd15()),
+                                ("SD 2.1", minisd.UNetConfig.sd21(), minisd.CLIPTextConfig.sd2())]}
+
+
+def family(unet, text, tokenizer, sched, params):
+    """The numbers that tell SD 1.5 and SD 2.1 apart, each read off a config."""
+    return {
+        "text encoder": f"{text.layers} layers x {text.width}, {text.heads} heads, {text.act}",
+        "text encoder parameters": f"{params[1]:,}",
+        "padding token": repr(tokenizer.decoder[tokenizer.pad_id]),
+        "U-Net context width": unet.context_dim,
+        "U-Net heads per level": unet.heads,
+        "U-Net head width": tuple(c // h for c, h in zip(unet.block_channels, unet.heads)),
+        "proj_in / proj_out": "Linear" if unet.linear_projection else "1x1 Conv2d",
+        "upcast_attention": unet.upcast_attention,
+        "U-Net parameters": f"{params[0]:,}",
+        "default size (px)": unet.sample_size * 8,
+        "prediction_type": sched.prediction_type,
+    }
+
+
+rows = {"SD 1.5": family(minisd.UNetConfig.sd15(), minisd.CLIPTextConfig.sd15(), minisd.CLIPTokenizer.sd15(),
+                         SchedulerConfig.sd15(), sizes["SD 1.5"]),
+        "SD 2.1": family(minisd.UNetConfig.sd21(), minisd.CLIPTextConfig.sd2(), minisd.CLIPTokenizer.sd2(),
+                         SchedulerConfig.sd21(), sizes["SD 2.1"])}
+print(f"{'':25s} {'SD 1.5':40s} SD 2.1")
+for key in rows["SD 1.5"]:
+    print(f"{key:25s} {str(rows['SD 1.5'][key]):40s} {rows['SD 2.1'][key]}")
+same = [f for f in ("block_channels", "layers_per_block", "cross_attention", "groups", "in_channels")
+        if getattr(minisd.UNetConfig.sd15(), f) == getattr(minisd.UNetConfig.sd21(), f)]
+print("the same in both U-Nets:", ", ".join(same), "(and the whole VAE)")
+assert sizes["SD 1.5"] == (859_520_964, 123_060_480) and sizes["SD 2.1"] == (865_910_724, 340_387_840)
+
+# %% [markdown]
+# Row by row:
+#
+# - **The text encoder** is OpenCLIP's ViT-H/14 {cite}`ilharco2021openclip`, trained on
+#   LAION-2B {cite}`schuhmann2022laion`, in place of OpenAI's ViT-L/14: 1024 wide instead of 768,
+#   exact GELU instead of `quick_gelu`. It has 24 layers, but SD 2 reads the *penultimate* one
+#   (then the final LayerNorm), the {term}`clip skip` of chapter 7 built into the model:
+#   diffusers' SD 2 folders simply store 23 layers, and so does `CLIPTextConfig.sd2()`.
+#   Its tokenizer is the same BPE, but it pads with `!` (id 0) where SD 1 pads with
+#   `<|endoftext|>`; the U-Net attends to the padding too, so the padding token changes images.
+# - **The U-Net** keeps its channels and blocks. Its cross-attention keys and values read the
+#   1024-wide context, and its attention keeps each {term}`attention head` 64 wide (5, 10, 20, 20
+#   heads) where SD 1 keeps 8 heads per level (40 to 160 wide). diffusers' config field for this
+#   is called `attention_head_dim` in both, but it holds the number of heads (a naming slip it
+#   keeps for compatibility), so `UNetConfig.from_diffusers` reads it as `heads`.
+# - **Linear projections**: the SpatialTransformer's `proj_in`/`proj_out` are Linear layers on
+#   the tokens instead of 1x1 convolutions on the map. A 1x1 convolution *is* a Linear layer
+#   applied at every pixel (checked below), so this changes the weights' shape, (C, C) instead
+#   of (C, C, 1, 1), and where the reshape happens, not what the layer can compute.
+# - **`upcast_attention`** (SD 2.1, not 2.0): SD 2.1's attention logits overflow {term}`fp16`'s
+#   range of 65,504, softmax then returns NaN and the image comes out black; the flag computes
+#   the attention in float32 whenever the model runs in half precision.
+# - **v-prediction and 768 px**: SD 2.1 (and 2.0-v) was trained at 768x768 to predict $v$, not
+#   $\epsilon$; the 512 px "-base" models of the same architecture predict $\epsilon$. That is the
+#   subject of the next cells.
+
+# %%
+_ = torch.manual_seed(0)
+conv = torch.nn.Conv2d(8, 8, 1)
+linear = torch.nn.Linear(8, 8)
+with torch.no_grad():
+    linear.weight.copy_(conv.weight[:, :, 0, 0])    # (C, C, 1, 1) -> (C, C)
+    linear.bias.copy_(conv.bias)
+    fmap = torch.randn(2, 8, 5, 5)
+    by_conv = conv(fmap)
+    by_linear = linear(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)    # (B, C, H, W) -> (B, H, W, C) and back
+print(f"1x1 conv vs the same weights as a Linear over the tokens: max |diff| = {(by_conv - by_linear).abs().max():.1e}")
+assert torch.allclose(by_conv, by_linear, atol=1e-6)
+
+# %% [markdown]
+# ### v-prediction
+#
+# With $\alpha_t = \sqrt{\bar\alpha_t}$ and $\sigma_t = \sqrt{1 - \bar\alpha_t}$ (so
+# $\alpha_t^2 + \sigma_t^2 = 1$), the forward process of chapter 9 is
+# $x_t = \alpha_t x_0 + \sigma_t \epsilon$. An {term}`epsilon prediction` model outputs
+# $\hat\epsilon \approx \epsilon$; a {term}`v-prediction` model {cite}`salimans2022progressive`
+# outputs
+#
+# $$
+# v = \alpha_t\,\epsilon - \sigma_t\,x_0 .
+# $$
+#
+# $(x_t, v)$ is $(x_0, \epsilon)$ turned by the angle $\phi_t$ with $\cos\phi_t = \alpha_t$,
+# $\sin\phi_t = \sigma_t$, and turning back gives both unknowns:
+#
+# $$
+# x_0 = \alpha_t\,x_t - \sigma_t\,v, \qquad \epsilon = \sigma_t\,x_t + \alpha_t\,v .
+# $$
+#
+# (The first: $\alpha_t(\alpha_t x_0 + \sigma_t\epsilon) - \sigma_t(\alpha_t\epsilon - \sigma_t x_0)
+# = (\alpha_t^2 + \sigma_t^2)\,x_0$.) Every sampler works with $\hat x_0$ and $\hat\epsilon$, so a
+# v-model needs only these two lines in front of it: `Scheduler._x0_eps` in
+# `minisd.schedulers`, chosen by the scheduler file's `prediction_type`. Why bother: from
+# $\hat\epsilon$ the clean image is $\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t$, so an
+# error $\delta$ in $\hat\epsilon$ becomes $\delta\,\sigma_t/\alpha_t$ in $\hat x_0$, which
+# grows without bound as $\alpha_t \to 0$ at the noisy end (that factor is exactly the
+# $\sqrt{1/\text{SNR}}$ of chapter 10's Euler sigma, 14.6 at SD's $t = 999$); from $\hat v$ it is
+# $\delta\,\sigma_t \le \delta$. At zero terminal {term}`SNR` {cite}`lin2024zerosnr`
+# ($\alpha_T = 0$) $x_T$ *is* $\epsilon$: an $\epsilon$-model has nothing to learn there and
+# $\hat x_0$ is undefined, while a v-model predicts $v = -x_0$, the image itself.
+#
+# The cell checks the rotation on tensors at three timesteps, the error factors, and that
+# `SchedulerConfig.sd21()` turns a true $v$ into the true $x_0$ while SD 1.5's config, reading
+# the same $v$ as if it were $\epsilon$, lands far away (what loading SD 2.1 with the wrong
+# scheduler file does to every step).
+
+# %%
+g = torch.Generator().manual_seed(0)
+x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+abar = SchedulerConfig.sd21().alphas_cumprod(rescale=False)
+for t in (1, 500, 999):
+    a, s = abar[t] ** 0.5, (1 - abar[t]) ** 0.5
+    x_t = a * x0 + s * eps
+    v = a * eps - s * x0
+    back = (a * x_t - s * v - x0).abs().max().item(), (s * x_t + a * v - eps).abs().max().item()
+    print(f"t={t:3d}: alpha={a:.3f} sigma={s:.3f}  |x0 from v - x0| = {back[0]:.1e}, |eps from v - eps| = {back[1]:.1e}"
+          f"   an error d in eps -> {s / a:6.2f} d in x0; in v -> {s:.2f} d")
+    assert max(back) < 1e-5
+
+t = 981
+a, s = abar[t] ** 0.5, (1 - abar[t]) ** 0.5
+x_t, v = a * x0 + s * eps, a * eps - s * x0
+guesses = {}
+for name, config in (("SD 2.1's file (v)", SchedulerConfig.sd21()), ("SD 1.5's file (epsilon)", SchedulerConfig.sd15())):
+    ddim = make_scheduler("ddim", config)
+    ddim.set_timesteps(50)
+    ddim.step(v, t, x_t)
+    guesses[name] = (ddim.pred_x0 - x0).abs().max().item()
+    print(f"a v-model's output read with {name}: max |predicted x0 - x0| = {guesses[name]:.1e}")
+assert guesses["SD 2.1's file (v)"] < 1e-4 < 1 < guesses["SD 1.5's file (epsilon)"]
+
+# %% [markdown]
+# ### The scheduler file
+#
+# A diffusers folder carries `scheduler/scheduler_config.json`, and diffusers' users switch
+# samplers with `Cls.from_config(pipe.scheduler.config)`, which carries every field of that
+# file to the new sampler. `from_pretrained` reads the same file into a `SchedulerConfig` and
+# hands it to every sampler `minisd` builds, so each sampler runs exactly as diffusers' would
+# (the tests check all five samplers under four files, step by step and on whole images). The
+# fields:
+#
+# | field | what it sets | SD 1.5 | SD 2.1 |
+# |---|---|---|---|
+# | `_class_name` | the {term}`scheduler` the model ships with: `minisd`'s default sampler | PNDM | DDIM |
+# | `beta_schedule`, `beta_start`, `beta_end`, `num_train_timesteps` | the betas and so $\bar\alpha_t$ (chapter 9); `scaled_linear` is SD's, `linear` the DDPM paper's, `squaredcos_cap_v2` the cosine schedule | scaled_linear, 0.00085, 0.012, 1000 | the same |
+# | `prediction_type` | what the U-Net outputs: `epsilon` or `v_prediction` (above) | epsilon (not named) | v_prediction |
+# | `timestep_spacing` | which $n$ of the 1000 steps a run visits: `leading`, `linspace` or `trailing` ({term}`timestep spacing`) | not named: each sampler's own default | not named |
+# | `steps_offset` | added to `leading` timesteps (981 ... 1 instead of 980 ... 0) | 1 | 1 |
+# | `set_alpha_to_one` | DDIM/PNDM: whether the last step lands on $\bar\alpha = 1$ or on $\bar\alpha_0$ | false | false |
+# | `clip_sample` | DDPM/DDIM clip $\hat x_0$ to $[-1, 1]$ (pixel models; wrong for latents) | false | false |
+# | `rescale_betas_zero_snr` | shift the schedule so that $\bar\alpha_{T} = 0$ {cite}`lin2024zerosnr` (fine-tunes that use `trailing`) | (absent) | (absent) |
+# | `skip_prk_steps` | PNDM without its Runge-Kutta warm-up (the only PNDM `minisd` has) | true | true |
+#
+# A field the file does not name takes the default of the diffusers class that reads it, and
+# diffusers' classes disagree on some: DDIM/PNDM/DDPM default to `leading`, Euler and
+# DPM-Solver++ to `linspace`, which is why SD 1.5's Euler visits 999 ... 0 and its DDIM 981 ... 1.
+# Any other field (Karras sigmas, thresholding, ...) is refused by name unless it has its
+# "off" value, so a file is never half-honoured in silence. A single original file carries no
+# scheduler file: SD 1.x gets SD 1.5's; SD 2.x gets SD 2.1's with `v_prediction`, as diffusers'
+# single-file loader decides (the -base models need `from_pretrained(path, prediction_type="epsilon")`).
+
+# %%
+sd21_file = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
+             "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
+             "steps_offset": 1, "trained_betas": None}    # stabilityai/stable-diffusion-2-1, as published
+config = SchedulerConfig.from_dict(sd21_file)
+print(config == SchedulerConfig.sd21(), config)
+for spacing in ("leading", "linspace", "trailing"):
+    sched = make_scheduler("ddim", replace(config, timestep_spacing=spacing))
+    sched.set_timesteps(10)
+    print(f"{spacing:9s} 10 steps: {sched.timesteps.tolist()}")
+zero = replace(config, timestep_spacing="trailing", rescale_betas_zero_snr=True)
+print(f"abar at t=999: {config.alphas_cumprod(False)[-1]:.4f} (SNR {1 / (1 / config.alphas_cumprod(False)[-1] - 1):.4f});"
+      f" rescaled to zero SNR: {zero.alphas_cumprod(True)[-1]:.4f}")
+try:
+    SchedulerConfig.from_dict({**sd21_file, "use_karras_sigmas": True})
+except ValueError as e:
+    print("refused:", e)
+assert zero.alphas_cumprod(True)[-1] == 0 and config.prediction_type == "v_prediction"
+
+# %% [markdown]
+# With real SD 2.1 weights on disk (see the README: they come from Stability AI under the
+# CreativeML Open RAIL++-M licence), set `MINISD_SD21` to the diffusers folder or the original
+# `v2-1_768-ema-pruned.safetensors` and this cell draws at the model's own 768x768 with the
+# model's own DDIM and v-prediction; like the SD 1.5 cell, it needs a CUDA GPU.
+
+# %%
+path = os.environ.get("MINISD_SD21")
+if path is None or not Path(path).exists():
+    print("skipped: set MINISD_SD21 to a local SD 2.1 folder or .safetensors file to run this cell")
+elif not torch.cuda.is_available():
+    print("skipped: SD 2.1 at 768x768 needs a CUDA GPU to run in reasonable time")
+else:
+    sd21 = StableDiffusion.from_pretrained(path, device="cuda", dtype=torch.float16)
+    print(sd21, sd21.scheduler_config.prediction_type)
+    photo = sd21("a photograph of an astronaut riding a horse", steps=30, seed=0)[0]
+    plt.imshow(photo)
+    plt.axis("off")
+    plt.show()
+
+# %% [markdown]
 # ## Against diffusers, on identical weights
 #
 # The same weights go into diffusers through the *original single-file layout*:

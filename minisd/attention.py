@@ -4,19 +4,23 @@ BasicTransformerBlock, SpatialTransformer, and the VAE's SpatialSelfAttention.
 All attention goes through `F.scaled_dot_product_attention`, which never materialises the
 (B, heads, N, N) matrix.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention: queries from the image tokens x (B, N, dim), keys and values
-    from a context (B, M, context_dim), in the U-Net the 77x768 CLIP text embedding."""
+    from a context (B, M, context_dim), in the U-Net the 77x768 CLIP text embedding.
 
-    def __init__(self, dim, context_dim, heads, bias=False):
+    `upcast` (SD 2.1's `upcast_attention`) computes the attention itself in float32 when the
+    model runs in float16, where SD 2.1's attention logits overflow (black images)."""
+
+    def __init__(self, dim, context_dim, heads, bias=False, upcast=False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"{dim} channels cannot be split into {heads} heads")
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim, dim, bias=bias)
@@ -28,7 +32,10 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.to_out(out)
 
@@ -36,8 +43,8 @@ class CrossAttention(nn.Module):
 class SelfAttention(CrossAttention):
     """Attention where queries, keys and values all come from the image tokens x (B, N, dim)."""
 
-    def __init__(self, dim, heads, bias=False):
-        super().__init__(dim, dim, heads, bias)
+    def __init__(self, dim, heads, bias=False, upcast=False):
+        super().__init__(dim, dim, heads, bias, upcast)
 
     def forward(self, x):
         return super().forward(x, x)
@@ -93,12 +100,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """LayerNorm + SelfAttention, LayerNorm + CrossAttention, LayerNorm + FeedForward, each residual."""
 
-    def __init__(self, dim, context_dim, heads):
+    def __init__(self, dim, context_dim, heads, upcast=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = SelfAttention(dim, heads)
+        self.attn1 = SelfAttention(dim, heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.attn2 = CrossAttention(dim, context_dim, heads, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -113,19 +120,29 @@ class SpatialTransformer(nn.Module):
     """GroupNorm -> Conv1x1 -> BasicTransformerBlock over the H*W tokens -> Conv1x1 -> + residual.
 
     Shape in == shape out: (B, C, H, W), with the text context (B, 77, context_dim) mixed in.
+    SD 2.x (`linear=True`) makes proj_in and proj_out Linear layers applied to the tokens
+    instead of 1x1 convolutions applied to the map: the same map, with weights (C, C) instead
+    of (C, C, 1, 1), taken on the other side of the reshape.
     """
 
-    def __init__(self, channels, context_dim, heads, groups=32):
+    def __init__(self, channels, context_dim, heads, groups=32, linear=False, upcast=False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.block = BasicTransformerBlock(channels, context_dim, heads)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.block = BasicTransformerBlock(channels, context_dim, heads, upcast)
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, H*W, C)
+        if self.linear:
+            h = self.proj_in(h)
         h = self.block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, H*W, C) -> (B, C, H, W), NCHW memory
-        return self.proj_out(h).add_(x)
+        return (h if self.linear else self.proj_out(h)).add_(x)

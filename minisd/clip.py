@@ -1,9 +1,11 @@
-"""CLIP (chapters 7-8): the text encoder SD 1.x reads prompts with, and the small CLIP the course trains.
+"""CLIP (chapters 7-8): the text encoder SD reads prompts with, and the small CLIP the course trains.
 
 `CLIPTextEncoder` (chapter 7): token + position embeddings -> N pre-LayerNorm transformer
 layers (causal self-attention, quick_gelu MLP) -> final LayerNorm, so (B, 77) token ids
 become (B, 77, width) vectors, the context every cross-attention of the U-Net reads. At
-`CLIPTextConfig.sd15()` it is the text half of OpenAI's CLIP ViT-L/14: 123,060,480 parameters.
+`CLIPTextConfig.sd15()` it is the text half of OpenAI's CLIP ViT-L/14: 123,060,480 parameters;
+at `CLIPTextConfig.sd2()` the 23 layers of OpenCLIP ViT-H/14's text tower that SD 2.x uses
+(GELU instead of quick_gelu, 1024 wide; chapter 11).
 
 `CLIP` (chapter 8): that text encoder plus a small image encoder, trained contrastively
 (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"):
@@ -11,7 +13,7 @@ both sides end in a normalised embedding and matching image/caption pairs are pu
 """
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +30,23 @@ class CLIPTextConfig:
     mlp_width: int = 3072
     positions: int = 77
     eps: float = 1e-5
+    act: str = "quick_gelu"  # OpenAI's CLIP; OpenCLIP (SD 2.x) uses "gelu"
+
+    def __repr__(self):
+        """The dataclass repr, but the activation only where it is not OpenAI's quick_gelu."""
+        shown = [f.name for f in fields(self) if f.name != "act" or self.act != "quick_gelu"]
+        return f"CLIPTextConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     @classmethod
     def sd15(cls):
         """CLIP ViT-L/14's text encoder, as in SD 1.x: 12 layers of 768 wide, 12 heads."""
         return cls()
+
+    @classmethod
+    def sd2(cls):
+        """OpenCLIP ViT-H/14's text encoder as SD 2.x uses it: 1024 wide, 16 heads, GELU, and only
+        23 of its 24 layers (SD 2.x reads the penultimate layer, through the final LayerNorm)."""
+        return cls(width=1024, layers=23, heads=16, mlp_width=4096, act="gelu")
 
     @classmethod
     def tiny(cls):
@@ -83,26 +97,29 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    """Linear (width -> 4 width) -> quick_gelu -> Linear (back to width)."""
+    """Linear (width -> 4 width) -> quick_gelu (OpenAI) or gelu (OpenCLIP) -> Linear (back to width)."""
 
-    def __init__(self, width, mlp_width):
+    def __init__(self, width, mlp_width, act="quick_gelu"):
         super().__init__()
+        if act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"act={act!r}: CLIP text encoders use 'quick_gelu' (OpenAI) or 'gelu' (OpenCLIP)")
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
         self.fc1 = nn.Linear(width, mlp_width)
         self.fc2 = nn.Linear(mlp_width, width)
 
     def forward(self, x):
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
     """One pre-LayerNorm transformer layer: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, width, heads, mlp_width, eps):
+    def __init__(self, width, heads, mlp_width, eps, act="quick_gelu"):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = CLIPAttention(width, heads)
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = CLIPMLP(width, mlp_width)
+        self.mlp = CLIPMLP(width, mlp_width, act)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -136,8 +153,8 @@ class CLIPEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config.width, config.heads, config.mlp_width, config.eps)
-                                    for _ in range(config.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config.width, config.heads, config.mlp_width, config.eps,
+                                                     config.act) for _ in range(config.layers))
 
     def forward(self, x, n):
         for layer in self.layers[:n]:

@@ -4,7 +4,7 @@ W' = W0 + (alpha / rank) * up @ down, injected into the U-Net's attention projec
 Files are read and written in the kohya-ss format that community tools share:
 `lora_unet_<diffusers module path, dots as underscores>.lora_down.weight`, `.lora_up.weight`
 and `.alpha` (`lora_te_...` for the text encoder), so a LoRA trained here loads elsewhere and
-an SD 1.x LoRA from elsewhere loads here.
+an SD 1.x or 2.x LoRA from elsewhere loads here (into a model of its family).
 """
 import torch
 from torch import nn
@@ -227,11 +227,16 @@ def save(obj, path, dtype=None):
     weights.save_file(out, path, metadata={"ss_network_module": "networks.lora"})
 
 
-def _cause(file_shape):
-    if 1024 in file_shape:
-        return "a width of 1024 (SD 2.x's text encoder) in the file: this LoRA was made for SD 2.x, minisd loads SD 1.x"
+def _cause(file_shape, want):
+    """Which model family a LoRA file is for, from a layer's shapes in the file and in this model."""
     if 2048 in file_shape:
-        return "a width of 2048 (SDXL's text encoders) in the file: this LoRA was made for SDXL, minisd loads SD 1.x"
+        return "a width of 2048 (SDXL's text encoders) in the file: this LoRA was made for SDXL, minisd loads SD 1.x and 2.x"
+    if 1024 in file_shape and 1024 not in want:
+        return ("a width of 1024 (SD 2.x's text encoder) in the file: this LoRA was made for SD 2.x; load it into an "
+                "SD 2.x model")
+    if 768 in file_shape and 1024 in want:
+        return ("a width of 768 (SD 1.x's text encoder) in the file where this SD 2.x model has 1024: this LoRA was "
+                "made for SD 1.x; load it into an SD 1.x model")
     return "the LoRA was made for a model of another size or architecture"
 
 
@@ -259,9 +264,9 @@ def load(obj, path, scale=1.0):
         if part is None or name not in part[2]:
             where = "a text encoder" if name.startswith("lora_te") else "this U-Net"
             raise weights.WeightsError(
-                f"{path}: {key!r} names no layer of {where}; minisd reads SD 1.x LoRAs with diffusers-style "
+                f"{path}: {key!r} names no layer of {where}; minisd reads SD 1.x and 2.x LoRAs with diffusers-style "
                 "paths (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q...); "
-                "this looks like a LoRA for another architecture (SDXL, SD 2.x...)"
+                "this looks like a LoRA for another architecture (SDXL...)"
                 + (" or the text encoder was not given (pass the pipeline)" if name.startswith("lora_te") else ""))
         found.setdefault(name, {})[kind] = sd[key]
     plan = []
@@ -285,7 +290,7 @@ def load(obj, path, scale=1.0):
         for kind, got, want in (("lora_down.weight", down, want_down), ("lora_up.weight", up, want_up)):
             if tuple(got.shape) != want:
                 raise weights.WeightsError(f"{path}: {name}.{kind} has shape {tuple(got.shape)} in the file but "
-                                           f"{want} fits this model's {layer_path} ({_cause(tuple(got.shape))})")
+                                           f"{want} fits this model's {layer_path} ({_cause(tuple(got.shape), want)})")
         plan.append((module, layer_path, layer, down, up, float(t["alpha"]) if "alpha" in t else float(rank)))
     for module, layer_path, layer, down, up, alpha in plan:
         wrapped = LoRALinear(layer, down.shape[0], alpha, scale=scale)

@@ -10,7 +10,9 @@ classifier-free guidance eps_u + g (eps_c - eps_u), a sampler step; finally the 
 latents / scaling_factor and the image is mapped from [-1, 1] to [0, 1].
 """
 import argparse
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,8 @@ from tqdm import tqdm
 
 from . import checkpoint, weights
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
-from .schedulers import SCHEDULERS, Scheduler, make_scheduler
-from .tokenizer import CLIPTokenizer
+from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
+from .tokenizer import EOS, CLIPTokenizer
 
 
 def denoise(unet, latents, context, sched, timesteps=None, guidance=None, generator=None, progress=False):
@@ -42,22 +44,27 @@ def denoise(unet, latents, context, sched, timesteps=None, guidance=None, genera
 
 
 class StableDiffusion:
-    """Stable Diffusion 1.x: the four parts and the sampling loop that joins them (chapter 11).
+    """Stable Diffusion 1.x and 2.x: the four parts and the sampling loop that joins them (chapter 11).
 
     `steps`, `guidance` and `scheduler` are the defaults a call uses when it does not say:
-    what the model was made for (SD 1.5: 50 PNDM steps at guidance 7.5)."""
+    what the model was made for (SD 1.5: 50 PNDM steps at guidance 7.5). `scheduler_config`
+    configures every sampler (the weights' own scheduler file; default: SD 1.5's)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer=None, steps=50, guidance=7.5, scheduler="pndm"):
+    def __init__(self, unet, vae, text_encoder, tokenizer=None, steps=50, guidance=7.5, scheduler="pndm",
+                 scheduler_config=None):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self._tokenizer = tokenizer
         self.steps, self.guidance, self.scheduler = steps, guidance, scheduler
+        self.scheduler_config = SchedulerConfig.sd15() if scheduler_config is None else scheduler_config
 
     @property
     def tokenizer(self):
-        """SD 1.x's CLIP tokenizer unless another was given; its 49,408-word vocabulary is read
-        on first use (about 0.1 s), not while the weights load."""
+        """CLIP's tokenizer unless another was given: SD 2.x's (padding with "!") for an OpenCLIP
+        text encoder, SD 1.x's otherwise. Its 49,408-word vocabulary is read on first use (about
+        0.1 s), not while the weights load."""
         if self._tokenizer is None:
-            self._tokenizer = CLIPTokenizer.sd15()
+            sd2 = getattr(self.text_encoder, "config", None) is not None and self.text_encoder.config.act == "gelu"
+            self._tokenizer = CLIPTokenizer.sd2() if sd2 else CLIPTokenizer.sd15()
         return self._tokenizer
 
     @tokenizer.setter
@@ -66,21 +73,37 @@ class StableDiffusion:
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Real SD 1.x weights: a diffusers folder (unet/, vae/, text_encoder/ with their
-        config.json) or one original single file (.safetensors, or .ckpt read with
-        torch.load(weights_only=True)). Tensors go straight to `device` and `dtype`; in float16
-        the VAE stays in float32, where SD's VAE cannot overflow."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, prediction_type=None):
+        """Real SD 1.x or 2.x weights: a diffusers folder (unet/, vae/, text_encoder/ with their
+        config.json, and scheduler/scheduler_config.json, which configures every sampler) or one
+        original single file (.safetensors, or .ckpt read with torch.load(weights_only=True)),
+        which carries no scheduler file (see `single_file_scheduler`). `prediction_type`
+        ("epsilon" or "v_prediction") overrides what the files say. Tensors go straight to
+        `device` and `dtype`; in float16 the VAE stays in float32, where SD's VAE cannot overflow."""
         device = torch.device(device)
         _check_device_dtype(device, dtype)
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type={prediction_type!r}: use 'epsilon' (SD 1.x, SD 2.x-base) or "
+                             "'v_prediction' (SD 2.x at 768 px), or leave it None to follow the files")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no weights at {path}: pass a diffusers folder (with unet/, vae/ and "
-                                    "text_encoder/) or one SD 1.x .safetensors/.ckpt file")
+                                    "text_encoder/) or one SD 1.x/2.x .safetensors/.ckpt file")
         if path.is_dir():
-            return cls(*weights.from_diffusers_folder(path, device=device, dtype=dtype))
-        return cls(*weights.from_original(weights.load_state_dict(path, device), source=str(path), device=device,
-                                          dtype=dtype))
+            config, name, pad = folder_scheduler(path)  # a bad scheduler file is refused before the weights load
+            pipe = cls(*weights.from_diffusers_folder(path, device=device, dtype=dtype))
+            if pad is not None:
+                pipe.tokenizer = CLIPTokenizer.sd15(pad=pad)
+        else:
+            sd = weights.load_state_dict(path, device)
+            pipe = cls(*weights.from_original(sd, source=str(path), device=device, dtype=dtype))
+            config, name = single_file_scheduler(pipe.unet.config, sd.get("global_step"), prediction_type)
+            if pipe.unet.config.linear_projection and config.prediction_type == "epsilon":
+                pipe.unet.config = replace(pipe.unet.config, sample_size=64)  # SD 2.x-base: 512 px, not 768
+        if prediction_type is not None:
+            config = replace(config, prediction_type=prediction_type)
+        pipe.scheduler_config, pipe.scheduler = config, name
+        return pipe
 
     @classmethod
     def course_model(cls, device="cpu", dtype=torch.float32):
@@ -151,7 +174,7 @@ class StableDiffusion:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}, "
                              "or pass a minisd.schedulers sampler object")
-        return prompts, negatives, steps, guidance, make_scheduler(scheduler)
+        return prompts, negatives, steps, guidance, make_scheduler(scheduler, self.scheduler_config)
 
     def _check_size(self, height, width):
         """Pixels must divide cleanly by the VAE's factor (8 for SD); the U-Net takes any latent size."""
@@ -247,6 +270,49 @@ class StableDiffusion:
         return self._output(latents, output_type)
 
 
+# --- the scheduler file (SD 2.x, issue 17): what configures the samplers of loaded weights ----------
+
+# diffusers' scheduler classes -> minisd's sampler names: a scheduler file's `_class_name` is the
+# model's default sampler
+DIFFUSERS_SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                        "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm"}
+
+
+def folder_scheduler(folder):
+    """(SchedulerConfig, default sampler name, tokenizer pad token or None) of a diffusers folder:
+    its scheduler/scheduler_config.json read as every diffusers `Cls.from_config` reads it (SD 1.5's
+    original file where there is none), and the pad token its tokenizer files name."""
+    folder = Path(folder)
+    file = folder / "scheduler" / "scheduler_config.json"
+    config, name = SchedulerConfig.sd15(), "pndm"
+    if file.exists():
+        d = json.loads(file.read_text())
+        config = SchedulerConfig.from_dict(d, source=str(file))
+        name = DIFFUSERS_SCHEDULERS.get(d.get("_class_name"), "pndm" if config.prediction_type == "epsilon" else "ddim")
+    pad = None
+    for part in ("special_tokens_map.json", "tokenizer_config.json"):
+        tokens = folder / "tokenizer" / part
+        if tokens.exists() and json.loads(tokens.read_text()).get("pad_token") is not None:
+            pad = json.loads(tokens.read_text())["pad_token"]
+            pad = pad.get("content") if isinstance(pad, dict) else pad  # {"content": "!", ...} in older files
+            break
+    return config, name, pad if pad != EOS else None
+
+
+def single_file_scheduler(unet_config, global_step=None, prediction_type=None):
+    """(SchedulerConfig, default sampler name) for an original single file, which carries no
+    scheduler file. SD 1.x: SD 1.5's original file, PNDM. SD 2.x (linear projections): SD 2.1's
+    file, DDIM, with the prediction type diffusers' single-file loader picks: the 512-base and
+    the 768-v models share one architecture, so it goes by the training step the file records,
+    epsilon for 875,000 (SD 2.0-base) and v_prediction otherwise (files rarely record it: pass
+    prediction_type="epsilon" for the -base models)."""
+    if not unet_config.linear_projection:
+        return SchedulerConfig.sd15(), "pndm"
+    if prediction_type is None:
+        prediction_type = "epsilon" if global_step == 875000 else "v_prediction"
+    return replace(SchedulerConfig.sd21(), prediction_type=prediction_type), "ddim"
+
+
 def _check_device_dtype(device, dtype):
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype}: use torch.float32, torch.float16 (CUDA) or torch.bfloat16")
@@ -272,10 +338,10 @@ def _to_tensor(image):
 def main(argv=None):
     """`python -m minisd generate PROMPT --out FILE.png [...]`: one image from the terminal."""
     parser = argparse.ArgumentParser(prog="python -m minisd generate",
-                                     description="Text to image, with the course model (default) or real SD 1.x "
+                                     description="Text to image, with the course model (default) or real SD 1.x/2.x "
                                                  "weights (--weights).")
     parser.add_argument("prompt")
-    parser.add_argument("--weights", help="a diffusers folder or an SD 1.x .safetensors/.ckpt (default: the "
+    parser.add_argument("--weights", help="a diffusers folder or an SD 1.x/2.x .safetensors/.ckpt (default: the "
                                           "course model from data/)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -7,7 +7,8 @@ Text goes through four steps, each a method below so the book can show it:
 2. `pretokenize`: split into words, single digits, runs of punctuation and 's 't 're 've 'm 'll 'd;
 3. `bpe`: each piece's UTF-8 bytes as 256 printable characters, the last one marked
    with `</w>`, then the learned merges applied, lowest rank first;
-4. `__call__`: <|startoftext|> + ids + <|endoftext|>, padded with <|endoftext|> to 77.
+4. `__call__`: <|startoftext|> + ids + <|endoftext|>, padded to 77 with <|endoftext|> (SD 1.x)
+   or "!" (SD 2.x).
 
 The result equals transformers' `CLIPTokenizer` (what diffusers' SD pipelines use), id for id.
 """
@@ -57,7 +58,7 @@ class CLIPTokenizer:
 
     length = 77  # the text encoder's positions: start + 75 tokens + end
 
-    def __init__(self, vocab_path, clean=None):
+    def __init__(self, vocab_path, clean=None, pad=EOS):
         if clean not in (None, "html", "ftfy"):
             raise ValueError(f"clean={clean!r}: expected None (as transformers), 'html' or 'ftfy' (as OpenAI)")
         if clean == "ftfy":
@@ -78,13 +79,21 @@ class CLIPTokenizer:
         self.decoder = tokens
         self.ranks = {m: i for i, m in enumerate(merges)}  # lower rank = learned earlier = merged first
         self.bos_id, self.eos_id = self.encoder[BOS], self.encoder[EOS]
-        self.pad_id = self.eos_id  # SD 1.x pads with <|endoftext|>
+        if pad not in self.encoder:
+            raise ValueError(f"pad={pad!r} is not a token of this vocabulary")
+        self.pad_id = self.encoder[pad]  # SD 1.x pads with <|endoftext|>, SD 2.x with "!" (id 0)
         self.cache = {}  # word (no spaces) -> its ids
 
     @classmethod
-    def sd15(cls, clean=None):
+    def sd15(cls, clean=None, pad=EOS):
         """SD 1.x's tokenizer: CLIP ViT-L/14's vocabulary, from data/."""
-        return cls(paths.DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean)
+        return cls(paths.DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", clean=clean, pad=pad)
+
+    @classmethod
+    def sd2(cls, clean=None):
+        """SD 2.x's tokenizer: the same vocabulary, but it pads with "!" (id 0), as OpenCLIP's
+        tokenizer pads with 0 and diffusers' SD 2 tokenizer_config.json says pad_token "!"."""
+        return cls.sd15(clean=clean, pad="!")
 
     @property
     def vocab_size(self):
@@ -158,7 +167,7 @@ class CLIPTokenizer:
         return ids
 
     def __call__(self, texts):
-        """A prompt or a list of prompts -> LongTensor (B, 77): start, ids, end, end-padding.
+        """A prompt or a list of prompts -> LongTensor (B, 77): start, ids, end, padding.
 
         A prompt longer than 75 tokens is cut to its first 75 (the end token is kept), with a warning.
         """

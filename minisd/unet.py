@@ -1,9 +1,9 @@
-"""The U-Net (chapter 4): SD 1.x's noise predictor, eps = unet(latents, t, context).
+"""The U-Net (chapter 4): SD's noise predictor, eps (or v) = unet(latents, t, context).
 
 An encoder of CrossAttnDownBlocks and a DownBlock, a CrossAttnMidBlock, and a decoder of an
 UpBlock and CrossAttnUpBlocks that concatenates the encoder's skip features on channels.
-`UNetConfig.sd15()` is the real 859,520,964-parameter model; `UNetConfig.tiny()` the same
-code with small numbers.
+`UNetConfig.sd15()` is the real 859,520,964-parameter model, `UNetConfig.sd21()` SD 2.1's
+865,910,724 (chapter 11: what changed); `UNetConfig.tiny()` the same code with small numbers.
 """
 import json
 from dataclasses import asdict, dataclass, fields
@@ -31,6 +31,8 @@ class UNetConfig:
     groups: int = 32
     norm_eps: float = 1e-5
     sample_size: int = 64                                 # latent size the model was trained at (512 px / 8)
+    linear_projection: bool = False                       # SD 2.x: Linear proj_in/proj_out in SpatialTransformers
+    upcast_attention: bool = False                        # SD 2.1: attention in float32 under float16
 
     def __post_init__(self):
         n = len(self.block_channels)
@@ -41,10 +43,23 @@ class UNetConfig:
             if c % self.groups:
                 raise ValueError(f"{c} channels cannot be split into {self.groups} GroupNorm groups")
 
+    def __repr__(self):
+        """The dataclass repr, but SD 2.x's two switches only where they are on."""
+        shown = [f.name for f in fields(self) if f.name not in ("linear_projection", "upcast_attention")
+                 or getattr(self, f.name)]
+        return f"UNetConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
+
     @classmethod
     def sd15(cls):
         """Stable Diffusion 1.5's U-Net (the same for 1.1-1.4)."""
         return cls()
+
+    @classmethod
+    def sd21(cls):
+        """Stable Diffusion 2.1's (768-v) U-Net: 64-wide heads (5, 10, 20, 20 of them), OpenCLIP's
+        1024-wide context, linear projections, upcast attention, 96x96 latents (768 px)."""
+        return cls(heads=(5, 10, 20, 20), context_dim=1024, sample_size=96, linear_projection=True,
+                   upcast_attention=True)
 
     @classmethod
     def tiny(cls):
@@ -54,20 +69,19 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, config):
-        """Read a diffusers `unet/config.json` (a path or a dict) of any SD 1.x-style U-Net."""
+        """Read a diffusers `unet/config.json` (a path or a dict) of an SD 1.x- or 2.x-style U-Net."""
         if not isinstance(config, dict):
             config = json.loads(Path(config).read_text())
         c = {k: v for k, v in config.items() if not k.startswith("_")}
         for key, value in c.items():
             if key not in _DIFFUSERS_KEYS:
-                raise ValueError(f"unet config: unknown key {key!r}; minisd reads SD 1.x-style "
+                raise ValueError(f"unet config: unknown key {key!r}; minisd reads SD 1.x- and 2.x-style "
                                  "UNet2DConditionModel configs")
             if isinstance(value, (list, tuple)) and len(set(value)) == 1 and key in _FIXED:
                 value = value[0]  # e.g. transformer_layers_per_block: [1, 1, 1, 1] is 1
             if key in _FIXED and value != _FIXED[key]:
-                hint = " (an SD 2.x config)" if key in ("use_linear_projection", "upcast_attention") else ""
-                raise ValueError(f"unet config: {key}={value!r} is not supported{hint}; minisd's U-Net "
-                                 f"is SD 1.x's, with {key}={_FIXED[key]!r}")
+                raise ValueError(f"unet config: {key}={value!r} is not supported; minisd's U-Net is SD 1.x's "
+                                 f"and SD 2.x's, with {key}={_FIXED[key]!r}")
         down = list(c.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
         up = list(c.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
         mirror = [t.replace("Down", "Up") for t in reversed(down)]
@@ -75,22 +89,24 @@ class UNetConfig:
             raise ValueError(f"unet config: down_block_types {down} / up_block_types {up} are not supported; "
                              "minisd needs CrossAttnDownBlock2D/DownBlock2D and the same blocks mirrored going up")
         channels = tuple(c.get("block_out_channels", (320, 640, 1280, 1280)))
-        heads = c.get("attention_head_dim", 8)  # in SD 1.x configs this is the number of heads
+        heads = c.get("attention_head_dim", 8)  # in SD 1.x and 2.x configs this is the number of heads
         if c.get("num_attention_heads") is not None:
             raise ValueError("unet config: num_attention_heads is not supported (diffusers rejects it too); "
-                             "SD 1.x configs give the number of heads as attention_head_dim")
+                             "SD configs give the number of heads as attention_head_dim")
         heads = (heads,) * len(channels) if isinstance(heads, int) else tuple(heads)
         layers = c.get("layers_per_block", 2)
         context = c.get("cross_attention_dim", 1280)
         if not isinstance(layers, int) or not isinstance(context, int):
             raise ValueError("unet config: per-block layers_per_block / cross_attention_dim lists are not "
-                             "supported; SD 1.x uses one number for each")
+                             "supported; SD 1.x and 2.x use one number for each")
         size = c.get("sample_size", 64)
         return cls(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
                    block_channels=channels, cross_attention=tuple(t == "CrossAttnDownBlock2D" for t in down),
                    heads=heads, layers_per_block=layers, context_dim=context,
                    groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
-                   sample_size=size if isinstance(size, int) else size[0])
+                   sample_size=size if isinstance(size, int) else size[0],
+                   linear_projection=bool(c.get("use_linear_projection", False)),
+                   upcast_attention=bool(c.get("upcast_attention", False)))
 
     def to_json(self):
         return json.dumps(asdict(self))
@@ -109,18 +125,19 @@ class UNetConfig:
                     down_block_types=down, up_block_types=[t.replace("Down", "Up") for t in reversed(down)],
                     block_out_channels=list(self.block_channels), layers_per_block=self.layers_per_block,
                     norm_num_groups=self.groups, norm_eps=self.norm_eps, cross_attention_dim=self.context_dim,
-                    attention_head_dim=list(self.heads))
+                    attention_head_dim=list(self.heads), use_linear_projection=self.linear_projection,
+                    upcast_attention=self.upcast_attention)
 
 
-# UNet2DConditionModel's options that SD 1.x leaves at these values; anything else is refused.
+# UNet2DConditionModel's options that SD 1.x and 2.x leave at these values; anything else is refused.
 _FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "use_linear_projection": False, "class_embed_type": None,
+    "dual_cross_attention": False, "class_embed_type": None,
     "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
@@ -130,7 +147,7 @@ _FIXED = {
 _DIFFUSERS_KEYS = set(_FIXED) | {
     "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
-    "num_attention_heads",
+    "num_attention_heads", "use_linear_projection", "upcast_attention",
 }
 
 
@@ -158,9 +175,9 @@ class CrossAttnDownBlock(DownBlock):
     """(ResNetBlock + SpatialTransformer) x layers, then a Downsample; every output is a skip."""
 
     def __init__(self, in_channels, out_channels, temb_channels, layers, downsample, heads, context_dim,
-                 groups=32, eps=1e-5):
+                 groups=32, eps=1e-5, linear=False, upcast=False):
         super().__init__(in_channels, out_channels, temb_channels, layers, downsample, groups, eps)
-        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups)
+        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups, linear, upcast)
                                         for _ in range(layers))
 
     def forward(self, x, temb, context=None):
@@ -177,10 +194,10 @@ class CrossAttnDownBlock(DownBlock):
 class CrossAttnMidBlock(nn.Module):
     """ResNetBlock -> SpatialTransformer -> ResNetBlock, at the lowest resolution."""
 
-    def __init__(self, channels, temb_channels, heads, context_dim, groups=32, eps=1e-5):
+    def __init__(self, channels, temb_channels, heads, context_dim, groups=32, eps=1e-5, linear=False, upcast=False):
         super().__init__()
         self.resnet1 = ResNetBlock(channels, channels, temb_channels, groups, eps)
-        self.attention = SpatialTransformer(channels, context_dim, heads, groups)
+        self.attention = SpatialTransformer(channels, context_dim, heads, groups, linear, upcast)
         self.resnet2 = ResNetBlock(channels, channels, temb_channels, groups, eps)
 
     def forward(self, x, temb, context):
@@ -218,9 +235,9 @@ class CrossAttnUpBlock(UpBlock):
     """(concat skip -> ResNetBlock -> SpatialTransformer) x layers, then an Upsample."""
 
     def __init__(self, in_channels, out_channels, prev_channels, temb_channels, layers, upsample, heads,
-                 context_dim, groups=32, eps=1e-5):
+                 context_dim, groups=32, eps=1e-5, linear=False, upcast=False):
         super().__init__(in_channels, out_channels, prev_channels, temb_channels, layers, upsample, groups, eps)
-        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups)
+        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, context_dim, heads, groups, linear, upcast)
                                         for _ in range(layers))
 
     def forward(self, x, skips, temb, context=None):
@@ -232,8 +249,8 @@ class CrossAttnUpBlock(UpBlock):
 
 
 class UNet(nn.Module):
-    """SD 1.x's U-Net: predicts the noise in latents (B, 4, H, W) at timestep t given a text
-    context (B, 77, 768). Any H and W: where a Downsample meets an odd size it rounds up, and
+    """SD 1.x and 2.x's U-Net: predicts the noise (or v) in latents (B, 4, H, W) at timestep t
+    given a text context (B, 77, 768; 1024 for SD 2.x). Any H and W: where a Downsample meets an odd size it rounds up, and
     each Upsample then lands on the size of the skip it meets (as diffusers does)."""
 
     def __init__(self, config=None):
@@ -241,6 +258,7 @@ class UNet(nn.Module):
         self.config = c = config or UNetConfig.sd15()
         ch, n = c.block_channels, len(c.block_channels)
         temb = 4 * ch[0]
+        attn = (c.linear_projection, c.upcast_attention)  # SD 2.x's two changes to every SpatialTransformer
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
 
@@ -248,12 +266,12 @@ class UNet(nn.Module):
         for i in range(n):
             args = (ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, i < n - 1)
             if c.cross_attention[i]:
-                block = CrossAttnDownBlock(*args, c.heads[i], c.context_dim, c.groups, c.norm_eps)
+                block = CrossAttnDownBlock(*args, c.heads[i], c.context_dim, c.groups, c.norm_eps, *attn)
             else:
                 block = DownBlock(*args, c.groups, c.norm_eps)
             self.down_blocks.append(block)
 
-        self.mid_block = CrossAttnMidBlock(ch[-1], temb, c.heads[-1], c.context_dim, c.groups, c.norm_eps)
+        self.mid_block = CrossAttnMidBlock(ch[-1], temb, c.heads[-1], c.context_dim, c.groups, c.norm_eps, *attn)
 
         self.up_blocks = nn.ModuleList()
         up_ch, up_heads, up_attn = ch[::-1], c.heads[::-1], c.cross_attention[::-1]
@@ -261,7 +279,7 @@ class UNet(nn.Module):
             args = (up_ch[min(i + 1, n - 1)], up_ch[i], up_ch[max(i - 1, 0)], temb, c.layers_per_block + 1,
                     i < n - 1)
             if up_attn[i]:
-                block = CrossAttnUpBlock(*args, up_heads[i], c.context_dim, c.groups, c.norm_eps)
+                block = CrossAttnUpBlock(*args, up_heads[i], c.context_dim, c.groups, c.norm_eps, *attn)
             else:
                 block = UpBlock(*args, c.groups, c.norm_eps)
             self.up_blocks.append(block)

@@ -65,10 +65,10 @@ class VAEConfig:
             set(config.get("up_block_types", ["UpDecoderBlock2D"]))
         if kinds != {"DownEncoderBlock2D", "UpDecoderBlock2D"} or config.get("act_fn", "silu") != "silu":
             raise ValueError(f"not an SD-style AutoencoderKL config (blocks {sorted(kinds)}, "
-                             f"act_fn {config.get('act_fn')!r}): minisd builds only the SD 1.x VAE")
+                             f"act_fn {config.get('act_fn')!r}): minisd builds only the SD 1.x/2.x VAE (the same in both)")
         if config.get("use_quant_conv", True) is False or config.get("use_post_quant_conv", True) is False:
             raise ValueError("this VAE has no quant_conv/post_quant_conv (an SD3/Flux-style VAE); "
-                             "minisd builds only the SD 1.x VAE, which has both")
+                             "minisd builds only the SD 1.x/2.x VAE, which has both")
         return cls(block_out_channels=tuple(config["block_out_channels"]),
                    layers_per_block=config.get("layers_per_block", 1),
                    latent_channels=config.get("latent_channels", 4),

@@ -82,6 +82,11 @@ def load_into(model, state_dict, source="state dict"):
     ours = model.state_dict()
     missing = [k for k in ours if k not in state_dict]
     unexpected = [k for k in state_dict if k not in ours]
+    for key, tensor in state_dict.items():  # shapes first: a mismatch says which model family the file is
+        if key in ours and tuple(tensor.shape) != tuple(ours[key].shape):
+            cause = family_mismatch(key, tuple(tensor.shape), tuple(ours[key].shape))
+            raise WeightsError(f"{source}: {key} has shape {tuple(tensor.shape)} in the file but "
+                               f"{tuple(ours[key].shape)} in the model ({cause})")
     if unexpected:
         raise WeightsError(f"{source}: {len(unexpected)} key(s) the model does not have, e.g. "
                            f"{unexpected[:3]}; is this a LoRA file, or weights for another model "
@@ -89,13 +94,6 @@ def load_into(model, state_dict, source="state dict"):
     if missing:
         raise WeightsError(f"{source}: {len(missing)} key(s) missing, e.g. {missing[:3]}; the file "
                            "is incomplete or was saved from a different architecture/config")
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(ours[key].shape):
-            cause = "the file and the config describe different models"
-            if key.endswith(("to_k.weight", "to_v.weight")) and tensor.shape[-1] == 1024:
-                cause = "cross-attention width 1024: this looks like an SD 2.x file, minisd loads SD 1.x"
-            raise WeightsError(f"{source}: {key} has shape {tuple(tensor.shape)} in the file but "
-                               f"{tuple(ours[key].shape)} in the model ({cause})")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
@@ -249,7 +247,8 @@ def text_encoder_from_transformers(state_dict, source="text encoder state dict")
 
 def text_config_from_weights(state_dict):
     """A CLIPTextConfig read off the tensor shapes (ours or transformers' keys). The head count
-    is not in any shape: OpenAI's CLIP text towers all use 64-wide heads, so heads = width / 64."""
+    is not in any shape: CLIP text towers all use 64-wide heads, so heads = width / 64. Nor is
+    the activation: 1024 wide is OpenCLIP ViT-H (SD 2.x), which uses gelu; OpenAI's use quick_gelu."""
     sd = {text_encoder_key(k): v for k, v in state_dict.items()}
     try:
         vocab, width = sd["embeddings.token_embedding.weight"].shape
@@ -260,20 +259,18 @@ def text_config_from_weights(state_dict):
                            f"first keys: {list(state_dict)[:3]}") from None
     layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
     return CLIPTextConfig(vocab_size=vocab, width=width, layers=layers, heads=max(1, width // 64),
-                          mlp_width=mlp_width, positions=positions)
+                          mlp_width=mlp_width, positions=positions, act="gelu" if width == 1024 else "quick_gelu")
 
 
 def load_text_encoder(source, config=None, device="cpu", dtype=None):
     """A minisd CLIPTextEncoder holding a transformers CLIPTextModel file (or state dict) in either
     key layout, built on the meta device with no random init. `config` defaults to one read off
-    the shapes (SD 1.x's for SD 1.x weights). The result is in eval mode with gradients off:
+    the shapes (SD 1.x's for SD 1.x weights, SD 2.x's for SD 2.x's). The result is in eval mode with gradients off:
     SD never trains its text encoder."""
     sd = source if isinstance(source, dict) else load_state_dict(source)
     name = "text encoder state dict" if isinstance(source, dict) else str(source)
     sd = text_encoder_from_transformers(sd, name)
     config = config or text_config_from_weights(sd)
-    if config.width == 1024:
-        raise WeightsError(f"{name}: a 1024-wide text encoder is OpenCLIP ViT-H (SD 2.x); minisd loads SD 1.x")
     sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
     with torch.device("meta"):
         model = CLIPTextEncoder(config)
@@ -297,11 +294,14 @@ def text_encoder_to_original(text_encoder):
 
 # --- original single-file layout (model.diffusion_model.*, first_stage_model.*, ...) ------
 
-# The files SD 1.x was released as (CompVis / RunwayML `v1-5-pruned.ckpt` and its .safetensors)
-# hold the whole LatentDiffusion model in one file, under three prefixes:
+# The files SD 1.x and 2.x were released as (CompVis / RunwayML `v1-5-pruned.ckpt`, Stability's
+# `v2-1_768-ema-pruned.safetensors`) hold the whole LatentDiffusion model in one file, under three
+# prefixes (SD 2.x's text encoder under a fourth):
 UNET_PREFIX = "model.diffusion_model."             # the U-Net
 VAE_PREFIX = "first_stage_model."                  # the VAE
 TEXT_PREFIX = "cond_stage_model.transformer."      # CLIP's text model, in transformers' own names
+OPENCLIP_PREFIX = "cond_stage_model.model."        # SD 2.x: OpenCLIP's text tower, in OpenCLIP's names
+SDXL_PREFIX = "conditioner."                       # SDXL's text encoders: refused
 
 # Everything else such a file may hold, none of which inference needs:
 IGNORED_PREFIXES = ("model_ema.",)  # EMA copies of the U-Net, plus model_ema.decay / num_updates
@@ -311,6 +311,7 @@ IGNORED_KEYS = {
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
     "posterior_mean_coef1", "posterior_mean_coef2",
+    "global_step",  # the training step (diffusers' single-file loader reads it for SD 2.x's prediction type)
     # CLIP's position ids 0..76, a buffer (with or without transformers' text_model. level)
     TEXT_PREFIX + "text_model.embeddings.position_ids", TEXT_PREFIX + "embeddings.position_ids",
 }
@@ -412,31 +413,33 @@ def _is_vae_attention(original_key):
 def unet_config_from_original(sd, source):
     """Infer a UNetConfig from the tensor shapes of an original U-Net state dict (prefix removed).
 
-    Shapes do not store the number of attention heads or GroupNorm groups: SD 1.x uses 8 heads
-    and 32 groups everywhere, and a model trained at 512 px has sample_size 64."""
-    k_key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if k_key in sd and sd[k_key].shape[-1] == 1024:
-        raise WeightsError(f"{source}: {UNET_PREFIX}{k_key} has shape {tuple(sd[k_key].shape)} but SD 1.x has "
-                           "(320, 768): cross-attention width 1024 (OpenCLIP ViT-H) means an SD 2.x file; "
-                           "minisd loads SD 1.x (1.1-1.5 and their fine-tunes)")
-    p_key = "input_blocks.1.1.proj_in.weight"
-    if p_key in sd and sd[p_key].ndim == 2:
-        raise WeightsError(f"{source}: {UNET_PREFIX}{p_key} has shape {tuple(sd[p_key].shape)} (a Linear) but "
-                           f"SD 1.x has a 1x1 conv ({sd[p_key].shape[0]}, {sd[p_key].shape[1]}, 1, 1): "
-                           "use_linear_projection is SD 2.x's; minisd loads SD 1.x")
+    Shapes do not store the number of attention heads or GroupNorm groups, nor the image size:
+    SD 1.x uses 8 heads, 32 groups and 512 px; SD 2.x (recognised by its Linear proj_in) keeps
+    every head 64 wide (`num_head_channels: 64` in its original config), sets upcast_attention
+    (SD 2.1's; needed in float16, exact in float32) and works at 768 px (the -base models at 512:
+    see `pipeline.single_file_scheduler`)."""
     for key in ("input_blocks.0.0.weight", "out.2.weight"):
         if key not in sd:
             raise WeightsError(f"{source}: no {UNET_PREFIX}{key}; the U-Net in this file is incomplete")
+    if "label_emb.0.0.weight" in sd:
+        raise WeightsError(f"{source}: {UNET_PREFIX}label_emb.* is SDXL's size and crop conditioning: this is an "
+                           "SDXL U-Net; minisd loads SD 1.x and SD 2.x checkpoints only")
     blocks = {int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")}
     levels = 1 + sum(f"input_blocks.{b}.0.op.weight" in sd for b in blocks)   # one Downsample per level but the last
     L = (len(blocks) - levels) // levels                                       # 1 + levels * L + (levels - 1) blocks
     first = [1 + i * (L + 1) for i in range(levels)]                           # first ResNetBlock of each level
     context = next((sd[f"input_blocks.{b}.1.transformer_blocks.0.attn2.to_k.weight"].shape[-1] for b in first
                     if f"input_blocks.{b}.1.transformer_blocks.0.attn2.to_k.weight" in sd), 768)
+    proj = next((sd[f"input_blocks.{b}.1.proj_in.weight"] for b in first if f"input_blocks.{b}.1.proj_in.weight" in sd),
+                None)
+    sd2 = proj is not None and proj.ndim == 2                                  # SD 2.x: Linear proj_in
+    channels = tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first)
     return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
-                      block_channels=tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first),
+                      block_channels=channels,
                       cross_attention=tuple(f"input_blocks.{b}.1.proj_in.weight" in sd for b in first),
-                      heads=(8,) * levels, layers_per_block=L, context_dim=context)
+                      heads=tuple(max(1, c // 64) for c in channels) if sd2 else (8,) * levels,
+                      layers_per_block=L, context_dim=context, sample_size=96 if sd2 else 64,
+                      linear_projection=sd2, upcast_attention=sd2)
 
 
 def vae_config_from_original(sd, source):
@@ -460,9 +463,9 @@ def _load_original_part(model, sd, original_key, prefix, source, device, dtype):
     names = {original_key(k): k for k in ours}                          # original -> ours
     unused = [k for k in sd if k not in names]
     if unused:
-        raise WeightsError(f"{source}: {len(unused)} key(s) under {prefix} that an SD 1.x model does not have, "
-                           f"e.g. {[prefix + k for k in unused[:3]]}; the file is not an SD 1.x checkpoint "
-                           "(a LoRA, an SD 2.x/SDXL file or a different architecture?)")
+        raise WeightsError(f"{source}: {len(unused)} key(s) under {prefix} that the model read off the file's "
+                           f"shapes does not have, e.g. {[prefix + k for k in unused[:3]]}; the file is not an "
+                           "SD 1.x or 2.x checkpoint (a LoRA, an SDXL file or a different architecture?)")
     missing = [k for k in names if k not in sd]
     if missing:
         raise WeightsError(f"{source}: {len(missing)} key(s) missing, e.g. {[prefix + k for k in missing[:3]]}; "
@@ -474,8 +477,6 @@ def _load_original_part(model, sd, original_key, prefix, source, device, dtype):
             tensor = tensor[:, :, 0, 0]                                  # (C, C, 1, 1) -> (C, C)
         if tuple(tensor.shape) != want:
             cause = "the file and the model inferred from its other tensors disagree"
-            if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) and tensor.shape[-1] == 1024:
-                cause = "cross-attention width 1024: this is an SD 2.x file, minisd loads SD 1.x"
             raise WeightsError(f"{source}: {prefix}{key} has shape {tuple(sd[key].shape)} in the file but "
                                f"{want} in the model ({cause})")
         renamed[name] = tensor.to(device=device, dtype=dtype)
@@ -483,21 +484,25 @@ def _load_original_part(model, sd, original_key, prefix, source, device, dtype):
 
 
 def split_original(sd, source="state dict"):
-    """An original single-file state dict -> (unet, vae, text) dicts with their prefixes removed.
+    """An original single-file state dict -> (unet, vae, text) dicts with their prefixes removed
+    (text: SD 1.x's CLIP in transformers' names, or SD 2.x's OpenCLIP in its own).
 
     Every key must be one of the three components or named in IGNORED_PREFIXES / IGNORED_KEYS;
     a LoRA file or a diffusers-layout file gets an error that says so."""
     if any(k.startswith(("lora_", "lora_unet_", "lora_te_")) or ".lora_" in k or ".lora." in k for k in sd):
         raise WeightsError(f"{source}: this looks like a LoRA file (keys such as "
-                           f"{next(k for k in sd if 'lora' in k)!r}), not a full SD 1.x checkpoint: load the base "
+                           f"{next(k for k in sd if 'lora' in k)!r}), not a full SD checkpoint: load the base "
                            "model with from_pretrained, then the LoRA with minisd.lora.load(pipe, path)")
+    if any(k.startswith(SDXL_PREFIX) for k in sd):
+        raise WeightsError(f"{source}: this is an SDXL file ({SDXL_PREFIX}* keys: two text encoders, a 2048-wide "
+                           "context, size and crop conditioning); minisd loads SD 1.x and SD 2.x checkpoints only")
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in sd):
             raise WeightsError(f"{source}: this is one component in diffusers' layout, not an original "
                                "single file: pass the diffusers folder that holds unet/, vae/ and text_encoder/")
-        raise WeightsError(f"{source}: no {UNET_PREFIX}* keys, so this is not an original SD 1.x single file "
+        raise WeightsError(f"{source}: no {UNET_PREFIX}* keys, so this is not an original SD single file "
                            f"(first keys: {list(sd)[:3]})")
-    parts = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+    parts = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}, OPENCLIP_PREFIX: {}}
     unknown = []
     for key, tensor in sd.items():
         prefix = next((p for p in parts if key.startswith(p)), None)
@@ -509,8 +514,11 @@ def split_original(sd, source="state dict"):
             parts[prefix][key[len(prefix):]] = tensor
     if unknown:
         raise WeightsError(f"{source}: {len(unknown)} key(s) that are neither the U-Net, the VAE, the text "
-                           f"encoder nor a known training buffer, e.g. {unknown[:3]}: not an SD 1.x checkpoint")
-    return parts[UNET_PREFIX], parts[VAE_PREFIX], parts[TEXT_PREFIX]
+                           f"encoder nor a known training buffer, e.g. {unknown[:3]}: not an SD 1.x/2.x checkpoint")
+    if parts[OPENCLIP_PREFIX] and parts[TEXT_PREFIX]:
+        raise WeightsError(f"{source}: both {TEXT_PREFIX}* (SD 1.x's CLIP) and {OPENCLIP_PREFIX}* (SD 2.x's "
+                           "OpenCLIP) keys: a file mixing two models")
+    return parts[UNET_PREFIX], parts[VAE_PREFIX], parts[TEXT_PREFIX] or parts[OPENCLIP_PREFIX]
 
 
 def _vae_dtype(dtype):
@@ -539,13 +547,20 @@ def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
                                source, device, dtype)
     vae = _load_original_part(vae, vae_sd, lambda k: vae_original_key(k, vae_config), VAE_PREFIX,
                               source, device, _vae_dtype(dtype))
-    text_encoder = text_encoder_from_original(text_sd, source, device, dtype)
+    if "positional_embedding" in text_sd:  # SD 2.x: OpenCLIP's own names
+        text_encoder = text_encoder_from_openclip(text_sd, source, device, dtype)
+    else:
+        text_encoder = text_encoder_from_original(text_sd, source, device, dtype)
     return Components(unet, vae, text_encoder)
 
 
 def to_original(pipe):
     """The original single-file state dict of a StableDiffusion or Components (what `from_original` reads):
-    the same tensors under the original names, the VAE attention as 1x1 conv weights."""
+    the same tensors under the original names, the VAE attention as 1x1 conv weights. SD 1.x
+    only: an SD 2.x file's text tower holds a 24th layer, which minisd's SD 2.x model does not keep."""
+    if pipe.text_encoder.config.act != "quick_gelu":
+        raise WeightsError("to_original writes SD 1.x's layout; this pipeline has an SD 2.x (OpenCLIP) text "
+                           "encoder, whose original file holds a last layer minisd does not keep")
     sd = {}
     for key, tensor in pipe.unet.state_dict().items():
         sd[UNET_PREFIX + unet_original_key(key, pipe.unet.config)] = tensor
@@ -557,17 +572,99 @@ def to_original(pipe):
     return sd
 
 
+# --- SD 2.x: OpenCLIP's text tower in the original single file, and telling the families apart ------
+
+# SD 2.x's files hold OpenCLIP ViT-H/14's text tower under `cond_stage_model.model.`, in OpenCLIP's
+# names. Inside a layer (`transformer.resblocks.{i}.`), ours -> theirs:
+OPENCLIP_LAYER = [(r"^layer_norm1\.", "ln_1."), (r"^layer_norm2\.", "ln_2."),
+                  (r"^self_attn\.out_proj\.", "attn.out_proj."), (r"^mlp\.fc1\.", "mlp.c_fc."),
+                  (r"^mlp\.fc2\.", "mlp.c_proj.")]
+# ... outside the layers:
+OPENCLIP_OUTSIDE = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                    "embeddings.position_embedding.weight": "positional_embedding",
+                    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+# ... and what SD 2.x does not use: the image-text projection, the temperature, the causal mask
+# (a buffer), and the last of the 24 layers (SD 2.x reads the penultimate one).
+OPENCLIP_IGNORED = {"text_projection", "logit_scale", "attn_mask"}
+
+
+def openclip_key(key, width):
+    """Our text-encoder key -> (OpenCLIP's key, rows). q, k and v are one fused `attn.in_proj_weight`
+    (3 * width, width) there: rows is the slice that holds ours (q first), else None. E.g.
+    'encoder.layers.0.self_attn.k_proj.weight' -> ('transformer.resblocks.0.attn.in_proj_weight', rows 1024:2048)."""
+    m = re.match(r"encoder\.layers\.(\d+)\.(.*)", key)
+    if m is None:
+        return OPENCLIP_OUTSIDE[key], None
+    block, rest = f"transformer.resblocks.{m.group(1)}.", m.group(2)
+    qkv = re.match(r"self_attn\.(q|k|v)_proj\.(weight|bias)$", rest)
+    if qkv:
+        i = "qkv".index(qkv.group(1))
+        return f"{block}attn.in_proj_{qkv.group(2)}", slice(i * width, (i + 1) * width)
+    return block + _rename(rest, OPENCLIP_LAYER), None
+
+
+def text_encoder_from_openclip(sd, source="state dict", device="cpu", dtype=torch.float32):
+    """SD 2.x's text encoder from an original file's OpenCLIP tensors (prefix removed): every layer
+    but the last, q/k/v cut out of the fused in_proj; every key used or named in OPENCLIP_IGNORED."""
+    if "token_embedding.weight" not in sd or "positional_embedding" not in sd:
+        raise WeightsError(f"{source}: no {OPENCLIP_PREFIX}token_embedding.weight / positional_embedding; the "
+                           "text encoder in this file is incomplete")
+    vocab, width = sd["token_embedding.weight"].shape
+    n = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    config = CLIPTextConfig(vocab_size=vocab, width=width, layers=n - 1, heads=max(1, width // 64),
+                            mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            positions=sd["positional_embedding"].shape[0], act="gelu")
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config)
+    used = {k for k in sd if k in OPENCLIP_IGNORED or k.startswith(f"transformer.resblocks.{n - 1}.")}
+    renamed = {}
+    for key in model.state_dict():
+        name, rows = openclip_key(key, width)
+        if name not in sd:
+            raise WeightsError(f"{source}: {OPENCLIP_PREFIX}{name} is missing; the text encoder in this file is "
+                               "incomplete")
+        renamed[key] = (sd[name] if rows is None else sd[name][rows]).to(device=device, dtype=dtype)
+        used.add(name)
+    unused = [k for k in sd if k not in used]
+    if unused:
+        raise WeightsError(f"{source}: {len(unused)} key(s) under {OPENCLIP_PREFIX} that SD 2.x's text encoder "
+                           f"does not have, e.g. {[OPENCLIP_PREFIX + k for k in unused[:3]]}")
+    return load_into(model, renamed, source).requires_grad_(False).eval()
+
+
+def family_mismatch(key, file_shape, model_shape):
+    """The likely cause of a shape mismatch between a file and a model: the SD family each one is."""
+    if len(file_shape) != len(model_shape) and key.endswith(("proj_in.weight", "proj_out.weight")):
+        file_is, model_is = ("SD 2.x", "SD 1.x") if len(file_shape) == 2 else ("SD 1.x", "SD 2.x")
+        return (f"proj_in/proj_out are Linear (C, C) in SD 2.x and 1x1 convs (C, C, 1, 1) in SD 1.x: an {file_is} "
+                f"file for an {model_is} config; use UNetConfig.{'sd21' if file_is == 'SD 2.x' else 'sd15'}(), or "
+                "StableDiffusion.from_pretrained, which reads the config from the files")
+    widths = {768: "SD 1.x (CLIP ViT-L/14, 768 wide)", 1024: "SD 2.x (OpenCLIP ViT-H/14, 1024 wide)",
+              2048: "SDXL (two text encoders, 2048 wide)"}
+    text = key.endswith(("to_k.weight", "to_v.weight")) or "embedding" in key or "layer_norm" in key
+    if text and file_shape[-1] in widths and file_shape[-1] != model_shape[-1]:
+        if file_shape[-1] == 2048:
+            return f"the file is {widths[2048]}; minisd loads SD 1.x and SD 2.x only"
+        fix = "UNetConfig.sd21() / CLIPTextConfig.sd2()" if file_shape[-1] == 1024 else "UNetConfig.sd15() / CLIPTextConfig.sd15()"
+        model = widths.get(model_shape[-1], f"{model_shape[-1]} wide")
+        return (f"the file is {widths[file_shape[-1]]} but the config is {model}: use {fix}, "
+                "or StableDiffusion.from_pretrained, which reads the config from the files")
+    return "the file and the config describe different models"
+
+
 # --- diffusers folders: unet/, vae/, text_encoder/, each with its config.json ---------------------
 
 def _text_config_from_transformers(config):
     """A transformers CLIPTextConfig (`text_encoder/config.json`, as a dict) -> ours."""
-    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise WeightsError(f"text_encoder/config.json: hidden_act={config['hidden_act']!r}; SD 1.x's CLIP uses "
-                           "quick_gelu (an SD 2.x OpenCLIP text encoder uses gelu)")
+    act = config.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise WeightsError(f"text_encoder/config.json: hidden_act={act!r}; SD's text encoders use quick_gelu "
+                           "(SD 1.x, OpenAI's CLIP) or gelu (SD 2.x, OpenCLIP)")
     return CLIPTextConfig(vocab_size=config.get("vocab_size", 49408), width=config.get("hidden_size", 512),
                           layers=config.get("num_hidden_layers", 12), heads=config.get("num_attention_heads", 8),
                           mlp_width=config.get("intermediate_size", 2048),
-                          positions=config.get("max_position_embeddings", 77), eps=config.get("layer_norm_eps", 1e-5))
+                          positions=config.get("max_position_embeddings", 77), eps=config.get("layer_norm_eps", 1e-5),
+                          act=act)
 
 
 def from_diffusers(unet, vae, text_encoder, unet_config=None, vae_config=None, text_config=None,
@@ -641,6 +738,9 @@ def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     """The Components of a diffusers pipeline folder: each part's config.json and weights
     through `load_part`."""
     folder = Path(folder)
+    if (folder / "text_encoder_2").exists():
+        raise WeightsError(f"{folder} is an SDXL folder (it has text_encoder_2/: SDXL's second text encoder); "
+                           "minisd loads SD 1.x and SD 2.x")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a diffusers SD folder: {part}/config.json is missing "

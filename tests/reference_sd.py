@@ -26,6 +26,17 @@ SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, lat
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
+# SD 2.x: SD 2.1's scheduler file (DDIM, v-prediction); a tiny SD 2-style model (64-wide heads, linear
+# projections, upcast attention, a GELU text encoder); SD 2.1's own sizes (its VAE is SD 1.5's)
+SD21_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+TINY2_UNET = dict(TINY_UNET, block_out_channels=[64, 128], attention_head_dim=[1, 2], use_linear_projection=True,
+                  upcast_attention=True)
+TINY2_TEXT = dict(TINY_TEXT, hidden_act="gelu")
+SD21_UNET = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                 use_linear_projection=True, upcast_attention=True)
+SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu")
+
 
 def write_clip_tokenizer(folder):
     """transformers' CLIPTokenizer files (vocab.json, merges.txt) written from the CLIP vocabulary
@@ -43,23 +54,28 @@ def write_clip_tokenizer(folder):
     return folder
 
 
-def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=0, max_shard_size="10GB"):
+def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=0, max_shard_size="10GB",
+                       scheduler=("PNDMScheduler", SD15_SCHEDULER), pad_token="<|endoftext|>"):
     """A random diffusers StableDiffusionPipeline (seeded), saved to `folder` and returned.
     A small `max_shard_size` saves large parts in shards (safetensors writes a whole file from
-    memory: shards keep the peak down)."""
+    memory: shards keep the peak down). `scheduler`: (class name, config); SD 2.x's tokenizer
+    pads with "!"."""
     import diffusers
     import transformers
     torch.manual_seed(seed)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder / "tokenizer")),
-                                                       model_max_length=77)
-    text_config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-                                              bos_token_id=0, eos_token_id=2, **text)
+                                                       model_max_length=77, pad_token=pad_token)
+    text_config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                              bos_token_id=0, eos_token_id=2, **{"hidden_act": "quick_gelu", **text})
     pipe = diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL(**vae), text_encoder=transformers.CLIPTextModel(text_config).eval(),
         tokenizer=tokenizer, unet=diffusers.UNet2DConditionModel(**unet),
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=getattr(diffusers, scheduler[0]).from_config(scheduler[1]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    # the scheduler as a user who loads the folder gets it: from the file diffusers just wrote, which
+    # names every field (timestep_spacing "leading" too), so Cls.from_config carries them all over
+    pipe.scheduler = getattr(diffusers, scheduler[0]).from_pretrained(str(folder), subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

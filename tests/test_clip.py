@@ -18,9 +18,16 @@ def reference(config):
     hf_config = transformers.CLIPTextConfig(
         vocab_size=config.vocab_size, hidden_size=config.width, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, intermediate_size=config.mlp_width,
-        max_position_embeddings=config.positions, hidden_act="quick_gelu", layer_norm_eps=config.eps,
+        max_position_embeddings=config.positions, hidden_act=config.act, layer_norm_eps=config.eps,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     return transformers.CLIPTextModel(hf_config).eval()
+
+
+# stabilityai/stable-diffusion-2-1 text_encoder/config.json, as published (the fields that shape the model)
+SD21_TEXT_JSON = {"architectures": ["CLIPTextModel"], "hidden_act": "gelu", "hidden_size": 1024,
+                  "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+                  "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512, "vocab_size": 49408,
+                  "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
 def final_norm(model):
@@ -60,6 +67,29 @@ def test_sd15_parity_and_parameter_count():
     ours, theirs = compare(CLIPTextConfig.sd15(), atol=1e-4)
     assert sum(p.numel() for p in ours.parameters()) == 123_060_480
     assert len(ours.state_dict()) == 196
+    del ours, theirs
+
+
+def test_sd2_config_is_sd21s_published_config():
+    c = CLIPTextConfig.sd2()
+    j = SD21_TEXT_JSON
+    assert (c.width, c.layers, c.heads, c.mlp_width, c.positions, c.vocab_size, c.act, c.eps) == (
+        j["hidden_size"], j["num_hidden_layers"], j["num_attention_heads"], j["intermediate_size"],
+        j["max_position_embeddings"], j["vocab_size"], j["hidden_act"], j["layer_norm_eps"])
+
+
+def test_gelu_text_encoder_parity_small():
+    """OpenCLIP's exact GELU where OpenAI's CLIP has quick_gelu: the only change inside a layer."""
+    compare(CLIPTextConfig(width=64, layers=2, heads=2, mlp_width=128, act="gelu"), atol=1e-5)
+    with pytest.raises(ValueError, match="quick_gelu"):
+        CLIPTextEncoder(CLIPTextConfig(width=32, layers=1, heads=1, mlp_width=64, act="relu"))
+
+
+@pytest.mark.slow
+def test_sd2_parity_and_parameter_count():
+    ours, theirs = compare(CLIPTextConfig.sd2(), atol=1e-4)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) == 340_387_840
     del ours, theirs
 
 

@@ -298,7 +298,7 @@ def edited(sd, key, value):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("sd2_width", r"attn2_to_k\.lora_down\.weight.*\(4, 1024\).*SD 2\.x"),
+    ("sd2_width", r"attn2_to_k\.lora_down\.weight.*\(4, 1024\).*made for SD 2\.x"),
     ("sdxl_path", r"lora_unet_input_blocks_4_1_proj_in\.lora_down\.weight.*another architecture"),
     ("loha", r"hada_w1_a.*not a plain LoRA"),
     ("missing_up", r"attn1_to_q\.lora_up\.weight is missing"),
@@ -330,6 +330,48 @@ def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, matc
     assert not any(isinstance(m, lora.LoRALinear) for m in ours.modules())   # nothing half-loaded
     with torch.no_grad():
         assert torch.equal(ours(x, t, c), before)
+
+
+# --- SD 2.x: linear proj_in/proj_out, 64-wide heads; a LoRA of one family in the other -------------
+
+SD2_STYLE = UNetConfig(block_channels=(64, 128), cross_attention=(True, False), heads=(1, 2), layers_per_block=1,
+                       context_dim=32, groups=32, sample_size=8, linear_projection=True, upcast_attention=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_sd2_kohya_file_loads_like_diffusers(tmp_path, scale):
+    """An SD 2-style U-Net: proj_in/proj_out are Linear layers, and a kohya file's factors for them are 2-D."""
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**SD2_STYLE.to_diffusers()).eval()
+    ours = weights.load_unet({k: v.clone() for k, v in theirs.state_dict().items()}, SD2_STYLE).eval()
+    x, t, c = unet_inputs()
+    x = x[:, :, :8, :8]
+    with torch.no_grad():
+        base = theirs(x, t, c).sample
+    sd = kohya_file(theirs, tmp_path / "lora.safetensors")
+    assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 64)
+    lora.load(ours, tmp_path / "lora.safetensors", scale=scale)
+    load_in_diffusers(theirs, tmp_path / "lora.safetensors")
+    with torch.no_grad():
+        a = ours(x, t, c)
+        b = theirs(x, t, c, cross_attention_kwargs={"scale": scale}).sample
+    assert (b - base).abs().max() > 0.1
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_lora_of_one_family_in_the_other_says_so(tmp_path):
+    """An SD 2.x LoRA (1024-wide cross-attention keys) in an SD 1.x model, and the reverse: shapes only."""
+    with torch.device("meta"):
+        sd15, sd21 = UNet(UNetConfig.sd15()), UNet(UNetConfig.sd21())
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({key + ".lora_down.weight": torch.zeros(4, 1024), key + ".lora_up.weight": torch.zeros(320, 4)},
+              str(tmp_path / "sd2.safetensors"))
+    with pytest.raises(weights.WeightsError, match=r"\(4, 1024\).*made for SD 2\.x; load it into an SD 2\.x model"):
+        lora.load(sd15, tmp_path / "sd2.safetensors")
+    save_file({key + ".lora_down.weight": torch.zeros(4, 768), key + ".lora_up.weight": torch.zeros(320, 4)},
+              str(tmp_path / "sd1.safetensors"))
+    with pytest.raises(weights.WeightsError, match=r"\(4, 768\).*made for SD 1\.x; load it into an SD 1\.x model"):
+        lora.load(sd21, tmp_path / "sd1.safetensors")
 
 
 # --- the text encoder -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """minisd.pipeline (chapter 11): the same images as diffusers' StableDiffusionPipeline on the
 same weights and initial latents, every sampler; img2img; defaults; errors; the CLI."""
 import gc
+import json
 import warnings
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 import minisd
 from minisd import StableDiffusion, checkpoint, weights
 from minisd.pipeline import main
-from reference_sd import SD15_TEXT, SD15_UNET, SD15_VAE, reference_pipeline, use_scheduler
+from reference_sd import (SCHEDULER_CLASSES, SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, SD21_SCHEDULER, SD21_TEXT,
+                          SD21_UNET, TINY2_TEXT, TINY2_UNET, reference_pipeline, use_scheduler)
 
 PROMPTS = ["a red circle in the top left", "an astronaut riding a horse"]
 
@@ -225,6 +227,126 @@ def test_generate_command_writes_a_png(tiny, tmp_path, capsys):
     assert "multiple of 2" in capsys.readouterr().err
 
 
+# --- the scheduler file configures every sampler (issue 17) -----------------------------------
+
+# SD 1.5's original file; as a current diffusers writes it (naming "leading"); SD 2.1's v file;
+# a zero-terminal-SNR fine-tune's "trailing" + rescaled betas (all as in test_schedulers)
+SCHEDULER_FILES = {
+    "sd15": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER},
+    "leading": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER, "timestep_spacing": "leading",
+                "prediction_type": "epsilon"},
+    "sd21-v": {"_class_name": "DDIMScheduler", **SD15_SCHEDULER, "prediction_type": "v_prediction"},
+    "zero-snr": {"_class_name": "DDIMScheduler", **SD15_SCHEDULER, "prediction_type": "v_prediction",
+                 "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+}
+
+
+@pytest.fixture(scope="module")
+def scheduler_folders(tiny, tmp_path_factory):
+    """The tiny folder once per scheduler file (the weights linked, not copied)."""
+    _, _, folder = tiny
+    out = {}
+    for key, file in SCHEDULER_FILES.items():
+        copy = tmp_path_factory.mktemp(key) / "sd"
+        copy.mkdir()
+        for part in folder.iterdir():
+            if part.name != "scheduler":
+                (copy / part.name).symlink_to(part)
+        (copy / "scheduler").mkdir()
+        (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(file))
+        out[key] = copy
+    return out
+
+
+@pytest.mark.parametrize("file", list(SCHEDULER_FILES))
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpm++2m", "ddpm"])
+def test_each_sampler_under_each_scheduler_file_equals_diffusers(tiny, scheduler_folders, name, file):
+    """As a diffusers user runs it: the pipeline loads the folder's scheduler class, then
+    Cls.from_config(pipe.scheduler.config) swaps the sampler; ours reads the same file."""
+    import diffusers
+    ref, _, _ = tiny
+    folder = scheduler_folders[file]
+    loaded = getattr(diffusers, SCHEDULER_FILES[file]["_class_name"]).from_pretrained(folder, subfolder="scheduler")
+    ref.scheduler = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(loaded.config)
+    ours = StableDiffusion.from_pretrained(folder)
+    assert ours.scheduler == SCHEDULER_FILES[file]["_class_name"].removesuffix("Scheduler").lower()
+    x = initial_latents()
+    theirs = ref(PROMPTS, height=16, width=16, num_inference_steps=4, guidance_scale=7.5, latents=x,
+                 output_type="np", generator=torch.Generator().manual_seed(1)).images
+    image = ours(PROMPTS, height=16, width=16, steps=4, guidance=7.5, scheduler=name, latents=x,
+                 output_type="np", seed=1, progress=False)
+    assert theirs.std() > 0.05
+    d = np.abs(image - theirs).max()
+    print(f"{name} under {file}: max |diff| = {d:.1e}")
+    assert d <= 1e-3, f"{name} under {file}: max |diff| = {d:.1e}"
+
+
+def test_the_scheduler_files_change_the_images(scheduler_folders):
+    """The four files give four different runs (the parity above is not the same run four times)."""
+    x = initial_latents(1)
+
+    def image(file, name):
+        return StableDiffusion.from_pretrained(scheduler_folders[file])(
+            PROMPTS[0], steps=4, scheduler=name, latents=x, output_type="np", progress=False)
+
+    assert np.abs(image("sd15", "euler") - image("leading", "euler")).max() > 0.01      # linspace vs leading
+    assert np.abs(image("sd15", "ddim") - image("sd21-v", "ddim")).max() > 0.01        # epsilon vs v
+    assert np.abs(image("sd21-v", "ddim") - image("zero-snr", "ddim")).max() > 0.01    # leading vs trailing, betas
+
+
+def test_scheduler_file_with_an_unsupported_field_is_refused(tiny, tmp_path):
+    _, _, folder = tiny
+    copy = tmp_path / "sd"
+    copy.mkdir()
+    for part in folder.iterdir():
+        if part.name != "scheduler":
+            (copy / part.name).symlink_to(part)
+    (copy / "scheduler").mkdir()
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD15_SCHEDULER, "use_karras_sigmas": True}))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        StableDiffusion.from_pretrained(copy)
+
+
+def test_prediction_type_overrides_the_file(tiny):
+    _, _, folder = tiny
+    pipe = StableDiffusion.from_pretrained(folder, prediction_type="v_prediction")
+    assert pipe.scheduler_config.prediction_type == "v_prediction" and pipe.scheduler_config.steps_offset == 1
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        StableDiffusion.from_pretrained(folder, prediction_type="sample")
+
+
+# --- SD 2.x ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd2") / "sd"
+    ref = reference_pipeline(folder, unet=TINY2_UNET, text=TINY2_TEXT, scheduler=("DDIMScheduler", SD21_SCHEDULER),
+                             pad_token="!")
+    return ref, StableDiffusion.from_pretrained(folder), folder
+
+
+def test_sd2_folder_reads_as_sd2(tiny2):
+    _, ours, _ = tiny2
+    assert ours.unet.config.linear_projection and ours.unet.config.upcast_attention
+    assert ours.unet.config.heads == (1, 2) and ours.text_encoder.config.act == "gelu"
+    assert ours.tokenizer.pad_id == 0 and ours.scheduler == "ddim"
+    assert ours.scheduler_config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "dpm++2m"])
+def test_sd2_folder_equals_diffusers(tiny2, name):
+    """A tiny SD 2-style folder (linear projections, GELU text encoder, "!" padding, v-prediction)."""
+    ref, ours, _ = tiny2
+    use_scheduler(ref, name)
+    x = initial_latents()
+    theirs = ref(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, num_inference_steps=4,
+                 guidance_scale=7.5, latents=x, output_type="np").images
+    image = ours(PROMPTS, negative_prompt=["", "blurry"], height=16, width=16, steps=4, guidance=7.5,
+                 scheduler=name, latents=x, output_type="np", progress=False)
+    assert theirs.std() > 0.05
+    np.testing.assert_allclose(image, theirs, atol=1e-5, rtol=0)
+
+
 # --- SD 1.5 size ----------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -267,6 +389,31 @@ def test_sd15_folder_and_single_file_equal_diffusers(tmp_path):
     assert seen == 686 + 248 + 196
 
 
+@pytest.mark.slow
+def test_sd21_folder_equals_diffusers(tmp_path):
+    """Random SD 2.1 weights (seeded) at SD 2.1's configuration, saved by diffusers with SD 2.1's
+    scheduler file (DDIM, v-prediction) and tokenizer ("!" padding); 256x256, 3 steps at guidance
+    7.5. One pipeline in memory at a time."""
+    ref = reference_pipeline(tmp_path / "sd21", unet=SD21_UNET, vae=SD15_VAE, text=SD21_TEXT,
+                             scheduler=("DDIMScheduler", SD21_SCHEDULER), pad_token="!", max_shard_size="500MB")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompt = "a photograph of an astronaut riding a horse"
+    theirs = ref(prompt, height=256, width=256, num_inference_steps=3, guidance_scale=7.5, latents=x,
+                 output_type="np").images
+    del ref
+    gc.collect()
+    ours = StableDiffusion.from_pretrained(tmp_path / "sd21")
+    assert ours.unet.config == minisd.UNetConfig.sd21() and ours.text_encoder.config == minisd.CLIPTextConfig.sd2()
+    assert (ours.scheduler, ours.scheduler_config.prediction_type, ours.tokenizer.pad_id) == ("ddim", "v_prediction", 0)
+    image = ours(prompt, height=256, width=256, steps=3, guidance=7.5, latents=x, output_type="np", progress=False)
+    del ours
+    gc.collect()
+    assert theirs.std() > 0.05
+    d = np.abs(image - theirs).max()
+    print(f"SD 2.1 size, 256x256, 3 DDIM steps: max |diff| vs diffusers = {d:.1e}")
+    assert d <= 2e-3, f"max |diff| vs diffusers = {d:.1e}"
+
+
 # --- GPU ----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -297,8 +444,8 @@ def test_seed_gives_the_same_noise_on_cuda(tiny):
 def test_img2img_noises_through_the_samplers_own_add_noise(tiny):
     """img2img's starting latents come from the sampler object it is given (its schedule, its
     way of noising), not from the default schedule or a special case per class."""
-    from minisd.diffusion import NoiseSchedule
-    from minisd.schedulers import DDIM
+    from minisd.schedulers import DDIM, SchedulerConfig
+    ddpm_betas = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     _, ours, _ = tiny
     calls = []
 
@@ -311,9 +458,9 @@ def test_img2img_noises_through_the_samplers_own_add_noise(tiny):
     ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=Recording(), seed=2, progress=False)
     assert calls == [401]                 # DDIM's 5 steps 801 601 401 201 1; strength 0.6 runs the last 3
     # a sampler on another noise schedule starts from latents noised on that schedule
-    a = ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=DDIM(NoiseSchedule.ddpm()), seed=2,
+    a = ours.img2img(PROMPTS[0], init, strength=0.6, steps=5, scheduler=DDIM(ddpm_betas), seed=2,
                      guidance=1.0, output_type="latent", progress=False)
-    sched = DDIM(NoiseSchedule.ddpm())
+    sched = DDIM(ddpm_betas)
     sched.set_timesteps(5)
     with torch.no_grad():
         x0 = ours.vae.encode(2 * init - 1).sample(torch.Generator().manual_seed(2)) * ours.vae.scaling_factor
@@ -323,3 +470,21 @@ def test_img2img_noises_through_the_samplers_own_add_noise(tiny):
         expected = minisd.pipeline.denoise(ours.unet, start, ours.encode_prompt([PROMPTS[0]]), sched,
                                            sched.timesteps[2:])
     torch.testing.assert_close(a, expected)
+
+
+@pytest.mark.gpu
+def test_real_sd21_on_cuda():
+    """Real SD 2.1 weights (MINISD_SD21: a diffusers folder or the original single file) in float16:
+    the model's own size, sampler and prediction type, and an image that is neither NaN nor black
+    (SD 2.1's attention overflows float16 without upcast_attention)."""
+    import os
+    path = os.environ.get("MINISD_SD21")
+    if not torch.cuda.is_available() or not path:
+        pytest.skip("needs CUDA and MINISD_SD21 (a local SD 2.1 folder or .safetensors)")
+    pipe = StableDiffusion.from_pretrained(path, device="cuda", dtype=torch.float16)
+    assert pipe.unet.config.upcast_attention and pipe.text_encoder.config.act == "gelu"
+    assert pipe.scheduler_config.prediction_type == "v_prediction" and pipe.scheduler == "ddim"
+    image = pipe("a photograph of an astronaut riding a horse", steps=20, seed=0, output_type="np",
+                 progress=False)
+    assert image.shape == (1, 768, 768, 3) and np.isfinite(image).all()
+    assert image.std() > 0.05, "a flat (black) image: attention overflowed in float16?"

@@ -165,7 +165,7 @@ def test_bad_use_raises_clear_errors():
         s.step(torch.zeros(1), 981, torch.zeros(1))
     with pytest.raises(ValueError, match=r"\[1, 1000\]"):
         s.set_timesteps(0)
-    with pytest.raises(ValueError, match="at most 999 steps"):
+    with pytest.raises(ValueError, match="t=1000, past the last training step 999"):
         s.set_timesteps(1000)  # "leading" + steps_offset=1 would start at t=1000
     euler = make_scheduler("euler")
     euler.set_timesteps(1000)  # "linspace" has no such limit
@@ -199,7 +199,115 @@ def test_add_noise_equals_diffusers(name):
 
 def test_add_noise_uses_the_samplers_own_schedule():
     from minisd.diffusion import NoiseSchedule, add_noise
-    sched = DDIM(NoiseSchedule.ddpm())
+    sched = DDIM(SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))  # DDPM's betas
     x0, noise = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     torch.testing.assert_close(sched.add_noise(x0, noise, 500), add_noise(x0, noise, 500, NoiseSchedule.ddpm()))
     assert not torch.allclose(sched.add_noise(x0, noise, 500), add_noise(x0, noise, 500))
+
+
+# --- the scheduler file configures every sampler, as diffusers' from_config ------------------
+from minisd.schedulers import SchedulerConfig  # noqa: E402
+
+# SD 1.5's file as a current diffusers writes it (it names the spacing)
+LEADING = {**SD15, "_diffusers_version": "0.42.1", "timestep_spacing": "leading", "prediction_type": "epsilon"}
+# SD 2.1's (768-v) scheduler_config.json as the real file reads: DDIM, v-prediction, no spacing named
+SD21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+# a zero-terminal-SNR fine-tune's file (Lin et al. 2024): "trailing" spacing, rescaled betas
+ZERO_SNR = {**SD21, "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}
+# the fields SD's files leave at one value: the cosine schedule, clipping, abar = 1 at the end
+COSINE = {"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2", "clip_sample": True,
+          "set_alpha_to_one": True, "skip_prk_steps": True, "timestep_spacing": "linspace"}
+FILES = {"sd15": SD15, "leading": LEADING, "sd21-v": SD21, "zero-snr": ZERO_SNR, "cosine": COSINE}
+LOADED = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}
+
+
+def reference_from(file, name):
+    """What a diffusers user runs: the pipeline loads the file's class, then Cls.from_config(its config)."""
+    loaded = LOADED[file["_class_name"]].from_config(file)
+    return THEIRS[name].from_config(loaded.config)
+
+
+def exact_model(x, t, abar, prediction_type, scale=1.0):
+    """A stand-in U-Net: the exact E[eps | x_t] (or v) for data x0 ~ N(scale * MU, 0.5^2)."""
+    a = abar[int(round(float(t)))]
+    mu = scale * MU[: len(x)]
+    eps = (1 - a) ** 0.5 * (x - a ** 0.5 * mu) / (a * 0.25 + 1 - a)
+    if prediction_type == "epsilon":
+        return eps
+    x0 = mu + 0.25 * a ** 0.5 * (x - a ** 0.5 * mu) / (a * 0.25 + 1 - a)
+    return a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+
+
+@pytest.mark.parametrize("file", list(FILES))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampler_honours_the_file_as_diffusers(name, file):
+    config = SchedulerConfig.from_dict(FILES[file])
+    ours, theirs = make_scheduler(name, config), reference_from(FILES[file], name)
+    abar = config.alphas_cumprod(config.rescale_betas_zero_snr)
+    scale = 3.0 if file == "cosine" else 1.0  # data beyond [-1, 1], so that clip_sample matters
+    for n in (10, 25):
+        ours.set_timesteps(n)
+        theirs.set_timesteps(n)
+        assert torch.equal(ours.timesteps, theirs.timesteps), (name, file, n)
+        torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma, dtype=torch.float32),
+                                   torch.as_tensor(theirs.init_noise_sigma, dtype=torch.float32))
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+        x_ours, x_theirs = noise * ours.init_noise_sigma, noise * theirs.init_noise_sigma
+        g_ours, g_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        for t in theirs.timesteps:
+            inp_ours, inp_theirs = ours.scale_model_input(x_ours, t), theirs.scale_model_input(x_theirs, t)
+            torch.testing.assert_close(inp_ours, inp_theirs, rtol=1e-5, atol=1e-5)
+            x_ours = ours.step(exact_model(inp_ours, t, abar, config.prediction_type, scale), t, x_ours,
+                               generator=g_ours)
+            kw = {} if name == "pndm" else {"generator": g_theirs}
+            x_theirs = theirs.step(exact_model(inp_theirs, t, abar, config.prediction_type, scale), t, x_theirs,
+                                   **kw).prev_sample
+            torch.testing.assert_close(x_ours, x_theirs, rtol=1e-5, atol=1e-5, msg=f"{name}, {file}, t={t}")
+        assert x_ours.abs().max() < 10 * scale
+
+
+def test_sd_files_read_as_their_presets():
+    assert SchedulerConfig.from_dict(SD15) == SchedulerConfig.sd15()
+    assert SchedulerConfig.from_dict(SD21) == SchedulerConfig.sd21()
+    assert SchedulerConfig.from_dict(LEADING).timestep_spacing == "leading"
+    # a file that names nothing takes diffusers' defaults; spacing stays the sampler's own
+    empty = SchedulerConfig.from_dict({})
+    assert (empty.beta_schedule, empty.steps_offset, empty.clip_sample) == ("linear", 0, True)
+    assert make_scheduler("ddim", empty).spacing == "leading" and make_scheduler("euler", empty).spacing == "linspace"
+
+
+def test_the_spacings_as_lin_et_al_table_2():
+    def steps(spacing, name="ddim"):
+        s = make_scheduler(name, SchedulerConfig(**{**vars(SchedulerConfig.sd15()), "timestep_spacing": spacing}))
+        s.set_timesteps(10)
+        return s.timesteps.tolist()
+    assert steps("leading") == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert steps("linspace") == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert steps("trailing") == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+
+
+def test_zero_terminal_snr_reaches_pure_noise():
+    abar = SchedulerConfig.from_dict(ZERO_SNR).alphas_cumprod(rescale=True)
+    assert abar[-1] == 0 and abs(abar[0] - SchedulerConfig.sd15().alphas_cumprod(False)[0]) < 1e-6
+    assert make_scheduler("euler", SchedulerConfig.from_dict(ZERO_SNR)).alphas_cumprod[-1] == 2 ** -24
+
+
+@pytest.mark.parametrize("key, value", [("use_karras_sigmas", True), ("thresholding", True),
+                                        ("prediction_type", "sample"), ("timestep_spacing", "karras"),
+                                        ("beta_schedule", "sigmoid"), ("shift", 3.0)])
+def test_unsupported_fields_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match=f"{key}={value!r}".replace("(", r"\(")):
+        SchedulerConfig.from_dict({**SD15, key: value})
+
+
+def test_default_valued_extras_pass_and_prk_is_refused():
+    theirs = DPMSolverMultistepScheduler.from_config(SD15)
+    SchedulerConfig.from_dict(dict(theirs.config))  # every key diffusers writes, at its default
+    SchedulerConfig.from_dict(dict(EulerDiscreteScheduler.from_config(SD15).config))
+    no_prk = SchedulerConfig.from_dict({**SD15, "skip_prk_steps": False})
+    make_scheduler("ddim", no_prk)
+    with pytest.raises(ValueError, match="skip_prk_steps=False"):
+        make_scheduler("pndm", no_prk)

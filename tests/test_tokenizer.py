@@ -157,3 +157,17 @@ def test_bad_options_and_input(ours):
 def test_decode_round_trip(ours):
     assert ours.decode(ours("A Photograph, of 2 cats!")[0, :9]) == \
         "<|startoftext|> a photograph , of 2 cats ! <|endoftext|>"
+
+
+def test_sd2_pads_with_exclamation_mark_as_transformers(theirs, tmp_path):
+    """SD 2.x's tokenizer_config.json says pad_token "!": the same ids, then 0s where SD 1.x has 49407s."""
+    transformers = pytest.importorskip("transformers")
+    theirs.save_pretrained(str(tmp_path))
+    sd2 = transformers.CLIPTokenizer.from_pretrained(str(tmp_path), pad_token="!")
+    prompts = ["a photograph of an astronaut riding a horse", ""]
+    expected = sd2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ours2 = CLIPTokenizer.sd2()(prompts)
+    assert torch.equal(ours2, expected)
+    assert ours2[1].tolist()[:3] == [49406, 49407, 0] and ours2.shape == (2, 77)
+    with pytest.raises(ValueError, match="not a token"):
+        CLIPTokenizer(VOCAB, pad="<pad>")

@@ -21,6 +21,13 @@ SD15_CONFIG_JSON = {
 }
 
 
+# stabilityai/stable-diffusion-2-1 unet/config.json, as published
+SD21_CONFIG_JSON = dict(SD15_CONFIG_JSON, _diffusers_version="0.10.0.dev0", attention_head_dim=[5, 10, 20, 20],
+                        cross_attention_dim=1024, dual_cross_attention=False, num_class_embeds=None,
+                        only_cross_attention=False, sample_size=96, use_linear_projection=True,
+                        upcast_attention=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_pair():
     torch.manual_seed(0)
@@ -52,8 +59,7 @@ def test_other_sd1_style_config_reads():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("use_linear_projection", True, "SD 2.x"),
-    ("upcast_attention", True, "SD 2.x"),
+    ("mid_block_type", None, "mid_block_type"),
     ("class_embed_type", "timestep", "class_embed_type"),
     ("transformer_layers_per_block", 2, "transformer_layers_per_block"),
     ("some_new_option", 1, "unknown key"),
@@ -62,6 +68,40 @@ def test_other_sd1_style_config_reads():
 def test_unsupported_configs_are_refused(key, value, match):
     with pytest.raises(ValueError, match=match):
         UNetConfig.from_diffusers(dict(SD15_CONFIG_JSON, **{key: value}))
+
+
+def test_sd21_config_json_reads_as_sd21():
+    assert UNetConfig.from_diffusers(SD21_CONFIG_JSON) == UNetConfig.sd21()
+
+
+def test_parameter_count_sd21_matches_diffusers_on_meta():
+    with torch.device("meta"):
+        ours = UNet(UNetConfig.sd21())
+        theirs = UNet2DConditionModel(**UNetConfig.sd21().to_diffusers())
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters()) == 865_910_724
+    # the same keys, the same shapes: proj_in/proj_out are (C, C) Linear weights, not (C, C, 1, 1)
+    mapped = weights.unet_from_diffusers(theirs.state_dict())
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours.state_dict()["down_blocks.0.attentions.0.proj_in.weight"].shape == (320, 320)
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_sd2_style_tiny_unet_matches_diffusers(upcast):
+    """Per-block head counts, linear projections and upcast attention, at a small size."""
+    config = UNetConfig(block_channels=(32, 64, 64), cross_attention=(True, True, False), heads=(1, 2, 2),
+                        layers_per_block=1, context_dim=48, groups=8, sample_size=16, linear_projection=True,
+                        upcast_attention=upcast)
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**config.to_diffusers()).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = weights.load_unet(theirs.state_dict(), config).eval()
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 48), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample, rtol=0, atol=1e-5)
+    assert all(m.upcast == upcast for m in ours.modules() if hasattr(m, "upcast"))
 
 
 def test_parameter_count_sd15_matches_diffusers_on_meta():
@@ -209,6 +249,29 @@ def test_sd15_unet_matches_diffusers():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_sd21_unet_matches_diffusers():
+    """SD 2.1's U-Net at its real size on random weights (about 3.5 GB per model in float32: the
+    two share their tensors, and both are freed before the assertion)."""
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**UNetConfig.sd21().to_diffusers())
+    sd = random_weights(theirs, seed=0)
+    theirs.load_state_dict(sd, assign=True)
+    theirs.eval()
+    ours = weights.load_unet(sd, UNetConfig.sd21()).eval()
+    del sd
+    torch.manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 1024)
+    t = torch.tensor([981])
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=ctx).sample
+        out = ours(x, t, ctx)
+    del ours, theirs
+    gc.collect()
+    assert out.shape == (1, 4, 32, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
 def test_training_gradients_match_diffusers():
     """The in-place adds and SiLUs of the forward pass leave autograd's gradients intact."""
     torch.manual_seed(3)
@@ -243,5 +306,27 @@ def test_sd15_unet_in_float16_on_cuda_matches_diffusers():
         exact = theirs.float()(x.float(), t, encoder_hidden_states=ctx.float()).sample
     assert torch.isfinite(a).all()
     # ours is as close to the float32 answer as diffusers' own float16 run is (and close to it)
+    assert (a - exact).abs().max() <= 1.5 * (b - exact).abs().max() + 1e-3
+    assert (a - b).abs().max() / b.std() < 2e-2
+
+
+@pytest.mark.gpu
+def test_sd21_unet_in_float16_on_cuda_matches_diffusers():
+    """SD 2.1's U-Net in float16 (upcast_attention on, as SD 2.1 sets it) against diffusers' on the
+    same fp16 tensors, both measured against diffusers in float32 (written for the GPU machine;
+    the bounds are those of the SD 1.5 test above)."""
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**UNetConfig.sd21().to_diffusers())
+    theirs.load_state_dict(random_weights(theirs), assign=True)
+    theirs = theirs.to("cuda", torch.float16).eval()
+    ours = weights.load_unet(theirs.state_dict(), UNetConfig.sd21()).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 96, 96, generator=g).to("cuda", torch.float16)
+    ctx = torch.randn(2, 77, 1024, generator=g).to("cuda", torch.float16)
+    t = torch.tensor([999, 10], device="cuda")
+    with torch.no_grad():
+        a, b = ours(x, t, ctx).float(), theirs(x, t, encoder_hidden_states=ctx).sample.float()
+        exact = theirs.float()(x.float(), t, encoder_hidden_states=ctx.float()).sample
+    assert torch.isfinite(a).all()
     assert (a - exact).abs().max() <= 1.5 * (b - exact).abs().max() + 1e-3
     assert (a - b).abs().max() / b.std() < 2e-2

@@ -165,6 +165,9 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
     main = rank_id == 0
     # base weights in the autocast dtype (the VAE stays float32); LoRA factors in float32
     pipe = StableDiffusion.from_pretrained(weights_path, device=device, dtype=amp_dtype)
+    if pipe.scheduler_config.prediction_type != "epsilon":
+        raise ValueError(f"--weights {weights_path}: a {pipe.scheduler_config.prediction_type} model (SD 2.x at 768 px); "
+                         "this trainer's loss is SD 1.x's epsilon MSE: use SD 1.x or an SD 2.x-base (epsilon) model")
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     if resolution % vae.config.factor:   # the VAE's factor: the U-Net takes any latent size
         raise ValueError(f"--resolution {resolution} must be a multiple of {vae.config.factor} for these weights")
