@@ -13,15 +13,20 @@
 # %% [markdown]
 # # 0. Stable Diffusion at a glance
 #
-# Stable Diffusion 1.x (Rombach et al., 2022, "High-Resolution Image Synthesis with Latent
-# Diffusion Models") is three networks and a loop:
+# **You will build** the three networks of {term}`Stable Diffusion` 1.5 at their real sizes,
+# `minisd.UNet`, `minisd.AutoencoderKL` and `minisd.CLIPTextEncoder` (with
+# `minisd.CLIPTokenizer`), on PyTorch's `meta` device; count their parameters and bytes; and
+# follow one prompt's shapes through all three.
 #
-# - a **text encoder** (the text half of OpenAI's CLIP ViT-L/14) turns the prompt into 77
-#   vectors of 768 numbers;
-# - a **U-Net** predicts the noise in a small *latent* image, reading those vectors through
-#   cross-attention; a **sampler** runs it 20 to 50 times, from pure noise to a clean latent;
-# - a **VAE** decoder turns the 4x64x64 latent into a 3x512x512 image (its encoder does the
-#   reverse, for training and img2img).
+# Stable Diffusion 1.x ({term}`latent diffusion`, {cite}`rombach2022ldm`) is three networks and a loop:
+#
+# - a **{term}`text encoder`** (the text half of OpenAI's {term}`CLIP` ViT-L/14,
+#   {cite}`radford2021clip`) turns the prompt into 77 vectors of 768 numbers;
+# - a **{term}`U-Net`** predicts the noise in a small *{term}`latent`* image, reading those
+#   vectors through {term}`cross-attention`; a **{term}`scheduler`** (sampler) runs it 20 to 50
+#   times, from pure noise to a clean latent;
+# - a **{term}`VAE`** {term}`decoder` turns the 4x64x64 latent into a 3x512x512 image (its
+#   {term}`encoder` does the reverse, for training and img2img).
 #
 # This chapter builds the three at the real SD 1.5 sizes, counts their parameters, and follows
 # one prompt through them. Everything is computed here, from the modules the rest of the book
@@ -45,21 +50,47 @@ with torch.device("meta"):
 parts = {"U-Net": unet, "VAE": vae, "CLIP text encoder": text_encoder}
 counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
 
-print(f"{'part':<20}{'parameters':>15}{'fp32':>10}{'fp16':>10}")
+GB, GiB = 1e9, 2**30     # a gigabyte is 10^9 bytes, a gibibyte 2^30 = 1.074 x 10^9
+print(f"{'part':<20}{'parameters':>15}{'fp32':>10}{'fp16':>10}{'fp16':>11}")
 for name, n in counts.items():
-    print(f"{name:<20}{n:>15,}{4 * n / 1e9:>8.2f} GB{2 * n / 1e9:>8.2f} GB")
+    print(f"{name:<20}{n:>15,}{4 * n / GB:>7.2f} GB{2 * n / GB:>7.2f} GB{2 * n / GiB:>7.2f} GiB")
 total = sum(counts.values())
-print(f"{'total':<20}{total:>15,}{4 * total / 1e9:>8.2f} GB{2 * total / 1e9:>8.2f} GB")
-print(f"\nVAE: encoder {sum(p.numel() for p in vae.encoder.parameters()):,}, "
-      f"decoder {sum(p.numel() for p in vae.decoder.parameters()):,}")
+print(f"{'total':<20}{total:>15,}{4 * total / GB:>7.2f} GB{2 * total / GB:>7.2f} GB{2 * total / GiB:>7.2f} GiB")
+count = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+n_enc, n_dec, n_quant = count(vae.encoder), count(vae.decoder), count(vae.quant_conv, vae.post_quant_conv)
+print(f"\nVAE: encoder {n_enc:,} + decoder {n_dec:,} = {n_enc + n_dec:,}; "
+      f"+ quant_conv and post_quant_conv {n_quant} = {n_enc + n_dec + n_quant:,}")
+assert n_enc + n_dec + n_quant == counts["VAE"]
 
 # %% [markdown]
 # The seed notes give the U-Net about 860M parameters, the text encoder about 123M, and the whole
 # model about 2 GB in fp16 and 4 GB in fp32. Those match: each parameter is 4 bytes in fp32 and 2
 # in fp16, so 1.07 billion parameters are 4.3 GB and 2.1 GB. The notes' "VAE ~160 MB" is its
 # fp16 size in MiB (83.7M parameters x 2 bytes = 167 MB = 160 MiB); in fp32 it is twice that.
-# The U-Net is 81 % of the model, and it is the part that runs at every step.
+# The U-Net is 81 % of the model, and it is the part that runs at every step. The VAE's
+# encoder and decoder do not add up to its total on their own: two 1x1 convolutions sit between
+# them, `quant_conv` (8 -> 8 channels: 64 weights + 8 biases) and `post_quant_conv`
+# (4 -> 4: 16 + 4), the 92 parameters in the last line (chapter 5 says where they come from).
 #
+# ```{admonition} The notes say the U-Net is "1.6G" in fp16 / 笔记说 U-Net 大小 1.6G
+# :class: warning
+# The number is right, the unit is mixed. 859,520,964 parameters x 2 bytes are 1.72 GB
+# (10^9 bytes) and 1.60 GiB (2^30 bytes): the notes' "1.6G" is in GiB. Their "3.4G" for the
+# U-Net in fp32 is in GB (3.44 GB = 3.20 GiB), and their "VAE 160M" and "235M" for the text
+# encoder are MiB again. The cell below computes each; this book writes GB for 10^9 bytes
+# and GiB for 2^30.
+# ```
+
+# %%
+n_unet = counts["U-Net"]
+print(f"U-Net fp16: {2 * n_unet / GB:.2f} GB = {2 * n_unet / GiB:.2f} GiB  (notes: 1.6G)")
+print(f"U-Net fp32: {4 * n_unet / GB:.2f} GB = {4 * n_unet / GiB:.2f} GiB  (notes: 3.4G)")
+print(f"VAE fp16: {2 * counts['VAE'] / 2**20:.0f} MiB (notes: 160M);  "
+      f"text encoder fp16: {2 * counts['CLIP text encoder'] / 2**20:.0f} MiB (notes: 235M)")
+assert round(2 * n_unet / GiB, 1) == 1.6 and round(2 * n_unet / GB, 1) == 1.7
+assert round(4 * n_unet / GB, 1) == 3.4 and round(4 * n_unet / GiB, 1) == 3.2
+
+# %% [markdown]
 # Are these the real models? diffusers and transformers build the same three at SD 1.5's
 # configs; their parameter counts must equal ours exactly (again on the meta device):
 
@@ -85,8 +116,11 @@ for name, model in theirs.items():
 #
 # The shapes of one 512x512 generation, computed by running the three meta-device models on
 # meta tensors (shape inference: no arithmetic is done). Classifier-free guidance runs the
-# U-Net on a batch of two, the prompt and an empty prompt, and mixes the two noise predictions
-# $\hat\epsilon = \epsilon_\varnothing + s\,(\epsilon_c - \epsilon_\varnothing)$ with $s = 7.5$.
+# The {term}`classifier-free guidance` of Ho & Salimans {cite}`ho2022cfg` ( this book dates it by its
+# arXiv paper, 2022; it was first shown at a NeurIPS 2021 workshop) runs the U-Net on a batch of two,
+# the prompt and an empty prompt, and mixes the two noise predictions
+# $\hat\epsilon = \epsilon_\varnothing + s\,(\epsilon_c - \epsilon_\varnothing)$ with $s = 7.5$
+# (chapter 10).
 
 # %%
 tokenizer = minisd.CLIPTokenizer.sd15()
@@ -152,3 +186,11 @@ plt.show()
 # into `minisd.StableDiffusion`, which loads the real SD 1.5 weights and gives the same images as
 # diffusers. The seed notes describe the VAE with 3 down blocks; the real one has 4, of which 3
 # halve the image (chapter 5 shows it).
+#
+# ## What you built
+#
+# The three networks of SD 1.5 at full size, `minisd.UNet` (859.5M parameters),
+# `minisd.AutoencoderKL` (83.7M) and `minisd.CLIPTextEncoder` (123.1M), with parameter counts
+# equal to diffusers' and transformers' and sizes in GB and GiB computed from them; and the
+# shapes of one prompt's trip from 77 token ids to a 3x512x512 image through a 4x64x64 latent.
+# Next, chapter 1 starts the U-Net at its smallest part: how it is told the timestep.

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -all
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -13,6 +13,10 @@
 # %% [markdown]
 # # 2. ResNetBlock and friends
 #
+# **You will build** the four pieces that the U-Net and the VAE are made of, `minisd.resnet`'s
+# `GSC` ({term}`GroupNorm`, {term}`SiLU`, Conv), `Downsample`, `Upsample` and `ResNetBlock`
+# (with the {term}`time embedding` added inside it), each checked equal to diffusers'.
+#
 # The U-Net (chapter 4) and the VAE (chapter 5) are built from the same four small pieces:
 #
 # | piece | what it is |
@@ -22,8 +26,10 @@
 # | **Upsample** | nearest-neighbour ×2, then Conv 3×3: doubles H and W |
 # | **ResNetBlock** | GSC → + time embedding → GSC → + skip |
 #
-# The residual idea comes from ResNet (He et al., 2016); the normalisation from GroupNorm
-# (Wu & He, 2018). This chapter builds each piece with small tensors you can look at.
+# The residual idea comes from ResNet {cite}`he2016resnet`; the normalisation from GroupNorm
+# {cite}`wu2018groupnorm`. The seed calls the first piece {term}`GSC` and the others
+# {term}`Downsample`, {term}`Upsample` and {term}`ResNetBlock`. This chapter builds each piece
+# with small tensors you can look at.
 
 # %%
 # %matplotlib inline
@@ -113,6 +119,25 @@ small = torch.arange(4.0).view(1, 1, 2, 2)
 print("nearest x2 of [[0, 1], [2, 3]]:\n", F.interpolate(small, scale_factor=2.0, mode="nearest")[0, 0])
 
 # %% [markdown]
+# ```{admonition} The notes say the Upsample's convolution "changes the channel count" / 笔记说 Upsample 的卷积"改变 Latent Feature 的通道数"
+# :class: warning
+# Not in SD. Every Upsample convolution of SD 1.5's U-Net and VAE maps $C$ channels to the same
+# $C$; the channel count changes in the ResNetBlocks, whose first convolution (and 1×1 skip
+# convolution) go from $C_\text{in}$ to $C_\text{out}$. The cell below prints the weight shapes
+# of every Upsample of the two modules built from SD 1.5's configs.
+# ```
+
+# %%
+with torch.device("meta"):                                             # shapes only, no memory
+    unet15, vae15 = minisd.UNet(minisd.UNetConfig.sd15()), minisd.AutoencoderKL(minisd.VAEConfig.sd15())
+ups = [(f"U-Net up_blocks[{i}]", b.upsample) for i, b in enumerate(unet15.up_blocks) if b.upsample is not None]
+ups += [(f"VAE decoder up_blocks[{i}]", b.upsample) for i, b in enumerate(vae15.decoder.up_blocks)
+        if b.upsample is not None]
+for name, u in ups:
+    print(f"{name:28s} Upsample conv weight {tuple(u.conv.weight.shape)}  (out, in, kH, kW)")
+assert all(u.conv.in_channels == u.conv.out_channels for _, u in ups) and len(ups) == 6
+
+# %% [markdown]
 # ## ResNetBlock
 #
 # With $h_1 = \mathrm{GSC}_1(x)$, the block adds a projection of the time embedding to every
@@ -176,7 +201,7 @@ for i, j, cin, cout in widths:
 
 # %% [markdown]
 # Every decoder ResNetBlock changes its channel count (e.g. 2560 → 1280), so every one has a 1×1
-# convolution on its skip path.
+# convolution on its {term}`skip connection` path.
 #
 # ## Ours == diffusers'
 #
@@ -206,3 +231,100 @@ with torch.no_grad():
     h = ours(x, temb)
     print(f"Downsample: max |diff| = {(down(h) - their_down(h)).abs().max():.1e}")
     print(f"Upsample: max |diff| = {(up(h) - their_up(h)).abs().max():.1e}")
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 2.1 (★)** Feed a 33×33 map to the U-Net's `Downsample` and to the VAE's
+# (`asymmetric=True`). What sizes come out, and why do they differ? (Use
+# $\lfloor (n + p_\text{total} - 3)/2 \rfloor + 1$.) Does the VAE's still read the last input row?
+
+# %% tags=["solution", "hide-cell"]
+odd = torch.randn(1, 1, 33, 33)
+sym, asym = Downsample(1)(odd), Downsample(1, asymmetric=True)(odd)
+print("U-Net Downsample (pad 1 each side):", tuple(sym.shape[-2:]), "= floor((33 + 2 - 3) / 2) + 1")
+print("VAE Downsample (pad right/bottom 1):", tuple(asym.shape[-2:]), "= floor((33 + 1 - 3) / 2) + 1")
+probe = Downsample(1, asymmetric=True)
+with torch.no_grad():
+    probe.conv.weight.fill_(1.0)
+    probe.conv.bias.zero_()
+    last_row = torch.zeros(1, 1, 33, 33)
+    last_row[..., 32, :] = 1.0                                  # only the last real row is non-zero
+    print("VAE Downsample of a map whose last row alone is 1: output's last row sums to",
+          probe(last_row)[0, 0, -1].sum().item())
+# windows start at rows 0, 2, ..., 30 and cover rows 0..32: every real row is read, the added
+# padding row 33 never; the U-Net's padded map is 35 rows, so one more window fits
+assert tuple(sym.shape[-2:]) == (17, 17) and tuple(asym.shape[-2:]) == (16, 16)
+assert probe(last_row)[0, 0, -1].sum() > 0
+# at the even sizes SD uses the two agree
+assert Downsample(1)(torch.randn(1, 1, 64, 64)).shape == Downsample(1, asymmetric=True)(torch.randn(1, 1, 64, 64)).shape
+
+# %% [markdown]
+# **Exercise 2.2 (★★, break it and watch)** Put BatchNorm into a ResNetBlock: replace the
+# GroupNorms of `ResNetBlock(32, 32, groups=8)` by `nn.BatchNorm2d(32)` (training mode, as it
+# would be while training). Run image 0 of the lifted course features alone, in a batch of 8, and
+# in a batch of 64, and measure how much its output changes; then do the same with the GroupNorm
+# block. A sampler runs batch 1 (or 2 with guidance): what would a BatchNorm U-Net do there?
+
+# %% tags=["solution", "hide-cell"]
+torch.manual_seed(0)
+gn_block = ResNetBlock(32, 32, groups=8).eval()
+bn_block = ResNetBlock(32, 32, groups=8)
+bn_block.load_state_dict(gn_block.state_dict())          # the same convolutions and affine weights
+bn_block.gsc1.norm, bn_block.gsc2.norm = nn.BatchNorm2d(32).train(), nn.BatchNorm2d(32).train()
+with torch.no_grad():
+    feats64 = lift(images)                                 # (64, 32, 32, 32)
+    change = {}
+    for name, blk in (("GroupNorm", gn_block), ("BatchNorm", bn_block)):
+        alone = blk(feats64[:1])[0]
+        change[name] = [(blk(feats64[:n])[0] - alone).abs().max().item() for n in (8, 64)]
+        print(f"{name}: image 0's output changes by {change[name][0]:.2e} (batch 8), "
+              f"{change[name][1]:.2e} (batch 64) against running it alone")
+# with BatchNorm a generated image would depend on its batch mates; in a batch of one its
+# statistics are that one image's, which is not what it was trained with
+assert max(change["GroupNorm"]) < 1e-4 and min(change["BatchNorm"]) > 0.1
+
+# %% [markdown]
+# **Exercise 2.3 (★★)** The time embedding enters a ResNetBlock as one number per channel added
+# to every pixel. Check it: for `block` above and two embeddings $a, b$, compute
+# $\mathrm{GSC}_1(x) + W_t\,\mathrm{SiLU}(\cdot)$ for each, and show that their difference is the
+# same at every pixel of a channel and equals `block.time_proj(SiLU(a)) - block.time_proj(SiLU(b))`.
+
+# %% tags=["solution", "hide-cell"]
+with torch.no_grad():
+    x = lift(image)
+    h_a = block.gsc1(x) + block.time_proj(F.silu(temb_early))[:, :, None, None]
+    h_b = block.gsc1(x) + block.time_proj(F.silu(temb_late))[:, :, None, None]
+    gap = h_a - h_b                                                     # (1, 64, 32, 32)
+    spread = (gap - gap.mean(dim=(-2, -1), keepdim=True)).abs().max().item()
+    expected = block.time_proj(F.silu(temb_early)) - block.time_proj(F.silu(temb_late))
+    d_shift = (gap[:, :, 0, 0] - expected).abs().max().item()
+print(f"spread of the difference inside each channel: {spread:.1e}; "
+      f"difference vs time_proj(a) - time_proj(b): {d_shift:.1e}")
+assert spread < 1e-5 and d_shift < 1e-5
+
+# %% [markdown]
+# **Exercise 2.4 (★★★)** Count by formula the parameters of SD 1.5's widest decoder block,
+# `ResNetBlock(2560, 1280, temb_channels=1280)`: two GroupNorms, two 3×3 convolutions, the time
+# projection and the 1×1 skip. Check against the module, built on the meta device.
+
+# %% tags=["solution", "hide-cell"]
+c_in, c_out, c_t = 2560, 1280, 1280
+formula = (2 * c_in + (9 * c_in * c_out + c_out)        # GroupNorm(c_in) + Conv3x3 c_in -> c_out
+           + (c_t * c_out + c_out)                      # time_proj
+           + 2 * c_out + (9 * c_out * c_out + c_out)    # GroupNorm(c_out) + Conv3x3 c_out -> c_out
+           + (c_in * c_out + c_out))                    # the 1x1 skip convolution
+with torch.device("meta"):
+    widest = ResNetBlock(c_in, c_out, temb_channels=c_t)
+counted = sum(p.numel() for p in widest.parameters())
+print(f"by formula {formula:,}; counted {counted:,}")
+assert formula == counted
+
+# %% [markdown]
+# ## What you built
+#
+# `minisd.resnet`'s `GSC`, `Downsample` (symmetric for the U-Net, `asymmetric=True` for the
+# VAE), `Upsample` and `ResNetBlock`, equal to diffusers' `ResnetBlock2D`, `Downsample2D` and
+# `Upsample2D`. You saw why SD normalises with GroupNorm (a sample's output does not depend on
+# its batch), where the time embedding enters, and that channels change in ResNetBlocks, not in
+# Upsamples. Chapter 3 adds the other half of the U-Net's blocks: attention.

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -all
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -13,12 +13,17 @@
 # %% [markdown]
 # # 3. Attention
 #
+# **You will build** `minisd.attention`'s `SelfAttention`, `CrossAttention`, `FeedForward`
+# (GEGLU), `BasicTransformerBlock` and `SpatialTransformer`, each equal to diffusers'; and you
+# will measure why attention divides by $\sqrt{d}$.
+#
 # ResNetBlocks see a 3×3 neighbourhood at a time. Attention lets every position look at every
 # other position, and, in SD, at the words of the prompt. The U-Net's attention lives in
-# **SpatialTransformer** blocks, each holding one **BasicTransformerBlock**:
-# SelfAttention, then CrossAttention, then a FeedForward, each with a LayerNorm before it and
-# a residual around it. The design is the Transformer's (Vaswani et al., 2017); putting it
-# inside a U-Net with text as keys and values is Latent Diffusion's (Rombach et al., 2022).
+# **{term}`SpatialTransformer`** blocks, each holding one **{term}`BasicTransformerBlock`**:
+# {term}`self-attention`, then {term}`cross-attention`, then a {term}`FeedForward`, each with a
+# {term}`LayerNorm` {cite}`ba2016layernorm` before it and a residual around it. The design is the
+# Transformer's {cite}`vaswani2017attention`; putting it inside a U-Net with text as keys and
+# values is Latent Diffusion's {cite}`rombach2022ldm`.
 
 # %%
 # %matplotlib inline
@@ -43,7 +48,7 @@ _ = torch.manual_seed(0)
 #
 # $$ \mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d_h}}\right) V, $$
 #
-# computed separately in each of $h$ heads of width $d_h = d / h$, then concatenated and
+# computed separately in each of $h$ {term}`attention head`s of width $d_h = d / h$, then concatenated and
 # projected by $W_O$. The weight matrix $\mathrm{softmax}(\cdot)$ is $N \times M$.
 #
 # - **SelfAttention**: the context is $x$ itself. Every pixel of the latent looks at every
@@ -68,6 +73,46 @@ print("output:", tuple(out.shape), "(one vector per image token)")
 print(f"by hand vs minisd CrossAttention: max |diff| = {(out - attn(x, context)).abs().max():.1e}")
 
 # %% [markdown]
+# ### Why divide by $\sqrt{d_h}$
+#
+# Suppose the components of a query $q$ and a key $k$ are independent, with mean 0 and variance 1
+# (roughly what LayerNorm'd inputs and a well-initialised projection give). Then
+#
+# $$ \mathbb E[q \cdot k] = \sum_{i=1}^{d_h} \mathbb E[q_i]\,\mathbb E[k_i] = 0, \qquad
+#    \operatorname{Var}[q \cdot k] = \sum_{i=1}^{d_h} \mathbb E[q_i^2]\,\mathbb E[k_i^2] = d_h , $$
+#
+# so the logits' standard deviation grows like $\sqrt{d_h}$. Softmax of logits spread over a
+# range of several units is nearly one-hot: one key takes almost all the weight, the others
+# get almost none, and the gradient through the softmax,
+# $\partial p_i / \partial s_j = p_i(\delta_{ij} - p_j)$, nearly vanishes. Dividing by
+# $\sqrt{d_h}$ brings the variance back to 1 whatever the head width. Measured on random
+# unit-variance queries and 77 keys (a prompt's length), at SD's head widths 40, 80 and 160 and
+# a few others:
+
+# %%
+g = torch.Generator().manual_seed(0)
+print(f"{'d_h':>5} {'Var[q.k]':>9} | {'top weight, unscaled':>21} {'entropy':>8} | {'top weight, /sqrt(d_h)':>22} {'entropy':>8}")
+saturation = {}
+for d_h in (8, 40, 80, 160, 640):
+    qs, ks = torch.randn(256, d_h, generator=g), torch.randn(77, d_h, generator=g)
+    logits_qk = qs @ ks.T
+    row = [logits_qk.var().item()]
+    for scale in (1.0, 1 / math.sqrt(d_h)):
+        p = torch.softmax(scale * logits_qk, dim=-1)
+        row += [p.max(-1).values.mean().item(), -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()]
+    saturation[d_h] = row
+    print(f"{d_h:5d} {row[0]:9.1f} | {row[1]:21.3f} {row[2]:8.3f} | {row[3]:22.3f} {row[4]:8.3f}")
+print(f"uniform attention over 77 keys: top weight {1 / 77:.3f}, entropy ln 77 = {math.log(77):.3f}")
+for d_h, (var, top_raw, ent_raw, top_scaled, ent_scaled) in saturation.items():
+    assert 0.8 * d_h < var < 1.2 * d_h                   # Var[q.k] = d_h
+    assert ent_scaled > 3.5 and top_scaled < 0.15        # scaled: the same spread at every width
+assert saturation[160][1] > 0.8 and saturation[640][1] > 0.85   # unscaled: nearly one-hot
+
+# %% [markdown]
+# Without the scale, the wider the head the more one-hot the attention (at $d_h = 160$, SD's
+# deepest level, a query puts most of its weight on a single key before any training); with it,
+# the spread is the same at every width, and training decides how sharp each head becomes.
+#
 # The package never builds `weights` itself: it calls `F.scaled_dot_product_attention`, which
 # computes the same result block by block. At a 64×64 latent, self-attention has
 # $N = 4096$ tokens, and a full $8 \times 4096 \times 4096$ weight matrix per image would take
@@ -118,10 +163,36 @@ plt.show()
 # values. A trained SD U-Net learns projections that do this for meanings, not just colours
 # (chapter 11 draws such maps for a real prompt).
 #
+# ```{admonition} The notes say self-attention "reduces the translation-invariance problem" / 笔记说 SelfAttention "还能减少平移不变性问题"
+# :class: warning
+# Self-attention without position information, as in SD's SpatialTransformer (no position
+# embedding is added to the pixel tokens), is *permutation-equivariant*: permute the tokens and
+# the output is permuted the same way. A shift of the image is one such permutation, so it is at
+# least as translation-equivariant as a convolution. What it adds is reach, not less invariance:
+# in one layer every pixel can draw on every other pixel, where a 3×3 convolution sees its
+# neighbours. (Positions enter the U-Net through the convolutions' zero padding at the borders.)
+# The cell below checks both equivariances on a SpatialTransformer.
+# ```
+#
+# %%
+torch.manual_seed(0)
+sa, st_check = SelfAttention(32, heads=4).eval(), SpatialTransformer(32, 16, heads=4, groups=8).eval()
+tok_x, perm = torch.randn(1, 64, 32), torch.randperm(64)
+feat_x, words_c = torch.randn(1, 32, 8, 8), torch.randn(1, 5, 16)
+with torch.no_grad():
+    d_perm = (sa(tok_x[:, perm]) - sa(tok_x)[:, perm]).abs().max().item()
+    shifted_x = torch.roll(feat_x, shifts=(3, 2), dims=(-2, -1))      # a circular shift of the map
+    d_shift = (st_check(shifted_x, words_c) - torch.roll(st_check(feat_x, words_c), (3, 2), (-2, -1))).abs().max().item()
+print(f"SelfAttention(permuted tokens) vs permuted SelfAttention(tokens): max |diff| = {d_perm:.1e}")
+print(f"SpatialTransformer(shifted map) vs shifted SpatialTransformer(map): max |diff| = {d_shift:.1e}")
+assert d_perm < 1e-5 and d_shift < 1e-5
+
+# %% [markdown]
 # ## FeedForward with GEGLU
 #
 # After attention, each token goes through a two-layer MLP on its own. SD's uses a GELU-gated
-# linear unit (Shazeer, 2020): one Linear produces two halves $a, b$ of width $4d$,
+# linear unit ({term}`GEGLU`, {cite}`shazeer2020glu`; GELU is {cite}`hendrycks2016gelu`): one
+# Linear produces two halves $a, b$ of width $4d$,
 #
 # $$ \mathrm{GEGLU}(x) = a \odot \mathrm{GELU}(b), \qquad [a, b] = xW + \beta, $$
 #
@@ -200,3 +271,108 @@ with torch.no_grad():
         load_renamed(ours, theirs, prefix)
         d = (run_ours(ours.eval()) - run_theirs(theirs.eval())).abs().max().item()
         print(f"{name:22s} max |diff| = {d:.1e}")
+        assert d < 1e-4
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 3.1 (★)** SD 1.5's U-Net has 8 heads at every attention level. What is the head
+# width $d_h$ at each of its three attention levels, and by how much does $1/\sqrt{d_h}$ shrink the
+# logits there? Read it from the module built at SD 1.5's config (meta device).
+
+# %% tags=["solution", "hide-cell"]
+with torch.device("meta"):
+    unet15 = minisd.UNet(minisd.UNetConfig.sd15())
+head_widths = []
+for i, b in enumerate(unet15.down_blocks):
+    if hasattr(b, "attentions"):
+        a1 = b.attentions[0].block.attn1
+        width = a1.to_q.out_features // a1.heads
+        head_widths.append(width)
+        print(f"down_blocks[{i}]: {a1.to_q.out_features} channels / {a1.heads} heads = d_h {width}, "
+              f"logits x 1/sqrt(d_h) = x {1 / math.sqrt(width):.3f}")
+assert head_widths == [40, 80, 160]
+
+# %% [markdown]
+# **Exercise 3.2 (★★, break it and watch)** Drop the $1/\sqrt{d_h}$ in a *trained* model. The
+# course U-Net (`minisd.UNet.course()`, chapter 9) calls `F.scaled_dot_product_attention`, which
+# takes a `scale=` argument. Temporarily replace that function with one that passes `scale=1.0`,
+# and compare the U-Net's noise-prediction error on 128 noised course latents (course VAE, course
+# text encoder, random $t$) with and without the scale. Restore the function afterwards.
+
+# %% tags=["solution", "hide-cell"]
+import torch.nn.functional as F
+
+from minisd import data
+from minisd.diffusion import add_noise
+
+vae, text_encoder, unet = minisd.AutoencoderKL.course(), minisd.CLIPTextEncoder.course(), minisd.UNet.course()
+print("course U-Net head widths:", [c // h for c, h in zip(unet.config.block_channels, unet.config.heads)])
+pictures, captions = data.sample(128, seed=11)
+g = torch.Generator().manual_seed(0)
+sdpa = F.scaled_dot_product_attention
+
+
+def sdpa_unscaled(q, k, v, *args, **kwargs):
+    return sdpa(q, k, v, *args, **{**kwargs, "scale": 1.0})
+
+
+with torch.no_grad():
+    z0 = vae.encode(data.to_tensor(pictures)).mean * vae.scaling_factor
+    ctx = text_encoder(minisd.CLIPTokenizer.sd15()(captions))
+    t_rand = torch.randint(0, 1000, (128,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    z_t = add_noise(z0, noise, t_rand)
+    err_scaled = ((unet(z_t, t_rand, ctx) - noise) ** 2).mean().item()
+    F.scaled_dot_product_attention = sdpa_unscaled
+    try:
+        err_unscaled = ((unet(z_t, t_rand, ctx) - noise) ** 2).mean().item()
+    finally:
+        F.scaled_dot_product_attention = sdpa
+print(f"noise-prediction MSE with 1/sqrt(d_h): {err_scaled:.4f}; without: {err_unscaled:.4f} "
+      f"({err_unscaled / err_scaled:.2f}x)")
+# The logits grow by sqrt(d_h) = sqrt(16) = 4: attention sharpens, the features the trained layers expect
+# change, and every prediction gets worse. (The residual paths around attention limit the damage.)
+assert F.scaled_dot_product_attention is sdpa and err_unscaled > 1.1 * err_scaled
+
+# %% [markdown]
+# **Exercise 3.3 (★★)** Does cross-attention know the *order* of the words? Permute the 77 context
+# vectors (keys and values together) given to a `CrossAttention` and compare outputs. Where, then,
+# does word order enter SD at all?
+
+# %% tags=["solution", "hide-cell"]
+torch.manual_seed(0)
+ca = CrossAttention(320, 768, heads=8).eval()
+pixels, words = torch.randn(1, 64, 320), torch.randn(1, 77, 768)
+shuffle = torch.randperm(77)
+with torch.no_grad():
+    d_order = (ca(pixels, words[:, shuffle]) - ca(pixels, words)).abs().max().item()
+print(f"CrossAttention with the 77 context vectors shuffled: max |diff| = {d_order:.1e}")
+# attention sums over keys: order does not matter. Word order enters earlier, in CLIP's text encoder
+# (position embeddings and the causal mask, chapter 7), which writes it into the 77 vectors themselves.
+assert d_order < 1e-5
+
+# %% [markdown]
+# **Exercise 3.4 (★★)** The full attention weight matrix of one self-attention layer at SD 1.5's
+# first level is $8 \times N \times N$ floats with $N = (H/8)(W/8)$ latent pixels. How many MiB is it
+# in fp32 for a 512×512 image, and for 768×768? By what power of the side length does it grow?
+
+# %% tags=["solution", "hide-cell"]
+sizes_mib = {}
+for px in (512, 768, 1024):
+    n_tok = (px // 8) ** 2
+    sizes_mib[px] = 8 * n_tok ** 2 * 4 / 2**20
+    print(f"{px}x{px} px: N = {n_tok:,} tokens, 8 heads x N x N x 4 bytes = {sizes_mib[px]:,.0f} MiB per image")
+# N grows with the side squared, so N^2 with the fourth power: 1.5x the side is 5.06x the memory
+assert sizes_mib[512] == 512 and abs(sizes_mib[768] / sizes_mib[512] - 1.5 ** 4) < 1e-9
+
+# %% [markdown]
+# ## What you built
+#
+# `minisd.attention`: `SelfAttention` and `CrossAttention` (scaled dot-product attention in
+# heads, through `F.scaled_dot_product_attention`), `FeedForward` with GEGLU,
+# `BasicTransformerBlock` (self-attention, cross-attention, feed-forward, each pre-LayerNorm
+# with a residual) and `SpatialTransformer`, which runs it on a feature map; all equal to
+# diffusers'. You checked why the logits are divided by $\sqrt{d_h}$ and that attention is
+# equivariant to permutations of its tokens. Chapter 4 assembles these and chapter 2's blocks
+# into the U-Net.

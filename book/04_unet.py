@@ -13,12 +13,17 @@
 # %% [markdown]
 # # 4. The U-Net
 #
-# The U-Net is SD's noise predictor: given a noisy latent $z_t$ (4×64×64 for a 512×512 image),
+# **You will build** `minisd.UNet` with its config `minisd.UNetConfig` (`sd15()` for the real
+# one, `tiny()` for a laptop) from the blocks `DownBlock`, `CrossAttnDownBlock`,
+# `CrossAttnMidBlock`, `UpBlock` and `CrossAttnUpBlock` in `minisd.unet`, equal to diffusers'
+# `UNet2DConditionModel`, and walk a latent through it shape by shape.
+#
+# The {term}`U-Net` is SD's noise predictor: given a noisy latent $z_t$ (4×64×64 for a 512×512 image),
 # the timestep $t$ and the text context $c$ (77×768), it returns
 # $\hat\epsilon = \epsilon_\theta(z_t, t, c)$, the noise it believes is in $z_t$, with the
 # latent's shape. It is an encoder that halves the resolution three times, a middle block,
 # and a decoder that doubles it back, with skip connections carrying every encoder feature
-# map across to the decoder (Ronneberger et al., 2015). Every piece comes from chapters 1-3.
+# map across to the decoder {cite}`ronneberger2015unet`. Every piece comes from chapters 1-3.
 
 # %%
 # %matplotlib inline
@@ -263,8 +268,10 @@ print(unet_diffusers_key("up_blocks.3.attentions.2.block.ff.geglu.proj.weight"))
 # the file).
 #
 # A separate single-threaded run at 4×32×32 (so no thread waits for another) gave 5.0 s of
-# CPU per step for each, ratio 1.00. In short: the same speed as diffusers, less memory, and a
-# load that takes about as long as reading the file. Both libraries call the same PyTorch
+# CPU per step for each, ratio 1.00. In short: the same CPU time per step as diffusers (ratios
+# 0.94-1.00) and 4-8 % less peak memory; load times are not settled: minisd loaded in 0.88x
+# diffusers' time in the first run and 2.40x in the second, so sub-second loads on this busy
+# machine cannot rank the two. Both libraries call the same PyTorch
 # kernels for the same arithmetic; no honest trick makes one much faster than the other.
 #
 # Three habits keep minisd's U-Net as fast as diffusers' with the same arithmetic:
@@ -294,3 +301,90 @@ with torch.no_grad():
     d = (ours.eval()(latents, t, context) - theirs.eval()(latents, t, encoder_hidden_states=context).sample).abs().max()
 print(f"{sum(p.numel() for p in ours.parameters()):,} parameters; latents {tuple(latents.shape)}")
 print(f"ours vs diffusers' UNet2DConditionModel: max |diff| = {d:.1e}")
+assert d < 1e-4
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 4.1 (★)** Where do SD 1.5's 859.5M U-Net parameters live by *kind* of module? Sum the
+# parameters of all `SpatialTransformer`s, all `ResNetBlock`s, all `Downsample`/`Upsample`s and the
+# rest (time embedding, `conv_in`, `out`), on the meta-device model `sd15`.
+
+# %% tags=["solution", "hide-cell"]
+from minisd.attention import SpatialTransformer
+from minisd.resnet import Downsample, ResNetBlock, Upsample
+
+kinds = {"SpatialTransformer": SpatialTransformer, "ResNetBlock": ResNetBlock, "Down/Upsample": (Downsample, Upsample)}
+by_kind = {name: sum(p.numel() for m in sd15.modules() if isinstance(m, cls) for p in m.parameters())
+           for name, cls in kinds.items()}
+by_kind["the rest"] = n_params - sum(by_kind.values())
+for name, n in by_kind.items():
+    print(f"{name:20s} {n / 1e6:7.1f}M  {n / n_params:6.1%}")
+# attention and ResNetBlocks hold almost everything; no module kind is nested in another here
+assert sum(by_kind.values()) == n_params and by_kind["the rest"] < 0.01 * n_params
+
+# %% [markdown]
+# **Exercise 4.2 (★)** Predict the number of skip tensors from the config alone: `conv_in`, plus
+# each encoder level's `layers_per_block` outputs, plus one per Downsample. Why must each
+# decoder level then have `layers_per_block + 1` ResNetBlocks? Check against the walk above.
+
+# %% tags=["solution", "hide-cell"]
+levels_n = len(config.block_channels)
+predicted = 1 + levels_n * config.layers_per_block + (levels_n - 1)
+decoder_resnets = sum(len(b.resnets) for b in sd15.up_blocks)
+print(f"skip tensors: 1 + {levels_n} x {config.layers_per_block} + {levels_n - 1} = {predicted}; "
+      f"pushed in the walk: {1 + sum(len(s) for s in skips_pushed)}; decoder ResNetBlocks: {decoder_resnets}")
+# every decoder ResNetBlock pops exactly one skip, so the decoder needs as many ResNetBlocks as there
+# are skips: levels x (layers_per_block + 1) = 4 x 3 = 12
+assert predicted == 1 + sum(len(s) for s in skips_pushed) == decoder_resnets == levels_n * (config.layers_per_block + 1)
+
+# %% [markdown]
+# **Exercise 4.3 (★★, break it and watch)** How much does the trained course U-Net
+# (`minisd.UNet.course()`, chapter 9) rely on its skip connections? Register forward hooks on its
+# down blocks that replace every skip tensor they push by zeros (the main path is untouched), and
+# compare its noise-prediction error on 128 noised course latents with the intact model's. For
+# scale, also give it the empty prompt instead of the captions.
+
+# %% tags=["solution", "hide-cell"]
+from minisd import data
+from minisd.diffusion import add_noise
+
+vae, text_encoder, unet = minisd.AutoencoderKL.course(), minisd.CLIPTextEncoder.course(), minisd.UNet.course()
+tok = minisd.CLIPTokenizer.sd15()
+pictures, captions = data.sample(128, seed=11)
+g = torch.Generator().manual_seed(0)
+
+
+def zero_the_skips(module, args, output):
+    x, pushed = output
+    return x, [torch.zeros_like(s) for s in pushed]
+
+
+with torch.no_grad():
+    z0 = vae.encode(data.to_tensor(pictures)).mean * vae.scaling_factor
+    ctx, ctx_empty = text_encoder(tok(captions)), text_encoder(tok([""] * 128))
+    t_rand = torch.randint(0, 1000, (128,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    z_t = add_noise(z0, noise, t_rand)
+    err = {"intact": ((unet(z_t, t_rand, ctx) - noise) ** 2).mean().item(),
+           "empty prompt": ((unet(z_t, t_rand, ctx_empty) - noise) ** 2).mean().item()}
+    hooks = [b.register_forward_hook(zero_the_skips) for b in unet.down_blocks]
+    try:
+        err["skips zeroed"] = ((unet(z_t, t_rand, ctx) - noise) ** 2).mean().item()
+    finally:
+        for hk in hooks:
+            hk.remove()
+for name, e in err.items():
+    print(f"{name:14s} noise-prediction MSE {e:.4f}")
+# without its skips the decoder has only the 8x8 -> 2x2 bottleneck's summary and loses most of its
+# accuracy; losing the text costs far less on this data
+assert err["skips zeroed"] > 5 * err["intact"] and err["skips zeroed"] > err["empty prompt"]
+
+# %% [markdown]
+# ## What you built
+#
+# `minisd.UNet` and `UNetConfig`: a `conv_in`, three `CrossAttnDownBlock`s and a `DownBlock`,
+# a `CrossAttnMidBlock`, an `UpBlock` and three `CrossAttnUpBlock`s, and an output GSC; 12 skip
+# tensors carried across; any latent size; weights loaded from diffusers' layout through
+# `minisd.weights` without random initialisation; equal to `UNet2DConditionModel`. Chapter 5
+# builds the VAE whose latents it denoises; chapter 9 trains a small one.

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -all
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -13,9 +13,13 @@
 # %% [markdown]
 # # 7. The CLIP text encoder
 #
+# **You will build** CLIP's byte-level BPE tokenizer, `minisd.CLIPTokenizer` (same ids as
+# transformers'), and the text encoder `minisd.CLIPTextEncoder` with `CLIPTextConfig`, equal to
+# transformers' `CLIPTextModel`, including the "clip skip" option.
+#
 # The U-Net never reads the prompt. It reads a $77 \times 768$ matrix of numbers, the
 # *context* that every cross-attention layer attends to (chapter 3). SD 1.x makes that matrix
-# with the text half of OpenAI's CLIP ViT-L/14 (Radford et al., 2021), frozen, exactly as
+# with the {term}`text encoder` of OpenAI's {term}`CLIP` ViT-L/14 {cite}`radford2021clip`, frozen, exactly as
 # it was released:
 #
 # $$ \text{prompt} \xrightarrow{\text{tokenizer}} 77 \text{ token ids}
@@ -42,7 +46,7 @@ _ = torch.manual_seed(0)  # (assigned: nbval shows a trailing-";" result)
 # %% [markdown]
 # ## 1. The tokenizer, step by step
 #
-# CLIP's tokenizer is a **byte-pair encoding** (BPE; Sennrich et al., 2016) over bytes, as in
+# CLIP's {term}`tokenizer` is a **byte-pair encoding** ({term}`BPE`, {cite}`sennrich2016bpe`) over bytes, as in
 # GPT-2. Its vocabulary file `bpe_simple_vocab_16e6.txt.gz` ships in `data/` (MIT, from OpenAI's
 # CLIP). It holds 48,894 *merges*: pairs of symbols, in the order they were learned.
 # The 49,408 tokens are the 256 byte characters, the same 256 with an end-of-word mark `</w>`,
@@ -104,7 +108,8 @@ for word in ["astronaut", "rutkowski", "café", "🐴"]:
 # %% [markdown]
 # **Step 4, ids and the 77-token window.** Each token's index in the vocabulary is its id.
 # `<|startoftext|>` (49406) goes in front, `<|endoftext|>` (49407) behind, and the row is padded
-# with more `<|endoftext|>` up to 77, the number of positions CLIP was trained with.
+# with more `<|endoftext|>` up to 77, the number of positions CLIP was trained with (its
+# {term}`context length`).
 
 # %%
 ids = tok(prompt)
@@ -256,7 +261,7 @@ print("tokens (a):     ", [tok.decoder[i].replace("</w>", "") for i in a[:10].to
 print("max |change|:   ", [f"{c:.2f}" for c in changed[:10].tolist()])
 
 # %% [markdown]
-# ## 3. Last layer or penultimate layer ("clip skip")
+# ## 3. Last layer or penultimate layer ({term}`clip skip`)
 #
 # SD 1.x conditions on the final LayerNorm of the **last** layer's output. Some fine-tuned
 # checkpoints (NovelAI's anime model and the many models derived from it) were trained on the
@@ -327,3 +332,90 @@ with warnings.catch_warnings():
     mine = tok(prompts)
 hf = hf_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
 print("same ids:", torch.equal(mine, hf), f"| max |diff| = {(mine - hf).abs().max().item():.1e}")
+assert torch.equal(mine, hf)
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 7.1 (★)** Account for the vocabulary: 256 byte characters, the same 256 with
+# `</w>`, one token per merge, and two special tokens. Check the sum against `tok.vocab_size`.
+# Then: which words of the 90 course captions are *not* a single token?
+
+# %% tags=["solution", "hide-cell"]
+n_merges = len(tok.ranks)
+print(f"256 + 256 + {n_merges:,} merges + 2 special = {256 + 256 + n_merges + 2:,}; vocab_size {tok.vocab_size:,}")
+course_words = sorted({word for c in minisd.data.combinations() for word in minisd.data.caption(*c).split()})
+multi = [word for word in course_words if len(tok.encode(word)) != 1]
+print(f"{len(course_words)} distinct words in the 90 course captions; words of more than one token: "
+      f"{[(word, [tok.decoder[i] for i in tok.encode(word)]) for word in multi]}")
+# 'cyan' is rare enough in CLIP's training text to be split in two: 'cy' + 'an</w>'
+assert 256 + 256 + n_merges + 2 == tok.vocab_size == 49408 and multi == ["cyan"]
+
+# %% [markdown]
+# **Exercise 7.2 (★★)** Take the small random encoder `small` and the prompt
+# "a red circle in the top left". Change its word at position $k$ (for each $k$ from 1 to 7)
+# to another word and find the first position of the output that changes. What rule do you see?
+
+# %% tags=["solution", "hide-cell"]
+base_words = "a red circle in the top left".split()
+first_changed = []
+with torch.no_grad():
+    h_base = small(tok([" ".join(base_words)]))
+    for k in range(len(base_words)):
+        words_k = base_words.copy()
+        words_k[k] = "blue" if words_k[k] != "blue" else "green"
+        h_k = small(tok([" ".join(words_k)]))
+        changed_at = ((h_k - h_base).abs().amax(-1)[0] > 1e-6).nonzero().flatten()
+        first_changed.append(int(changed_at[0]))
+print("word changed at position:", list(range(1, len(base_words) + 1)))
+print("first output that changes:", first_changed)
+# position 0 is <start>: word k sits at position k + 1 and, under the causal mask, changes only
+# positions k + 1 onwards
+assert first_changed == list(range(1, len(base_words) + 1))
+
+# %% [markdown]
+# **Exercise 7.3 (★★, break it and watch)** CLIP reads a caption at its first `<|endoftext|>`.
+# Read the trained course CLIP (`minisd.clip.CLIP.course()`, chapter 8) somewhere else: at
+# `<start>` (position 0), at the colour word's last token and at the shape word (careful: the
+# colour can be more than one token, exercise 7.1).
+# Project each with `text_projection`, classify 300 course images zero-shot among the 90
+# captions, and measure colour, shape and position accuracy for each read-out position.
+
+# %% tags=["solution", "hide-cell"]
+import torch.nn.functional as F  # noqa: E402
+
+from minisd.clip import CLIP  # noqa: E402
+
+course_clip = CLIP.course()
+test_images, test_captions = minisd.data.sample(300, seed=1000, exclude=minisd.data.HELD_OUT)
+candidates = [minisd.data.caption(*c) for c in minisd.data.combinations()]
+cand_ids = tok(candidates)
+truth = [minisd.data.parse(c) for c in test_captions]
+accuracy = {}
+with torch.no_grad():
+    u_img = course_clip.encode_image(minisd.data.to_tensor(test_images))
+    hidden = course_clip.text(cand_ids)                                      # (90, 77, width)
+    first_end = cand_ids.argmax(dim=-1)
+    colour_end = torch.tensor([1 + len(tok.encode(minisd.data.parse(c)[0])) for c in candidates])  # <start>, a, colour
+    for where, pos in (("<start>", torch.zeros_like(first_end)), ("colour word", colour_end),
+                       ("shape word", colour_end + 1), ("first end token", first_end)):
+        v_txt = F.normalize(course_clip.text_projection(hidden[torch.arange(90), pos]), dim=-1)
+        guess = [minisd.data.parse(candidates[k]) for k in (u_img @ v_txt.T).argmax(-1).tolist()]
+        accuracy[where] = [sum(g[i] == t[i] for g, t in zip(guess, truth)) / len(truth) for i in range(3)]
+        print(f"read at {where:16s} colour {accuracy[where][0]:6.1%}  shape {accuracy[where][1]:6.1%}  "
+              f"position {accuracy[where][2]:6.1%}")
+# Under the causal mask a position knows only the words up to it: at the colour word the position
+# is at chance (1/5), at <start> everything is one constant guess; only the end token knows it all.
+assert min(accuracy["first end token"]) > 0.95
+assert accuracy["colour word"][2] < 0.3 and accuracy["shape word"][2] < 0.3
+assert accuracy["colour word"][0] > 2 * accuracy["<start>"][0]
+
+# %% [markdown]
+# ## What you built
+#
+# `minisd.CLIPTokenizer` (normalise, pre-tokenise, byte-level BPE with CLIP's 48,894 merges, the
+# 77-token window), equal to transformers' tokenizer, and `minisd.CLIPTextEncoder` with
+# `CLIPTextConfig`: token and position embeddings, 12 pre-LayerNorm layers with causal attention
+# and quick-GELU MLPs, a final LayerNorm, and `skip=` for "clip skip"; equal to transformers'
+# `CLIPTextModel`. Chapter 8 trains a small CLIP, text and image encoder together, to see where
+# the text encoder's knowledge comes from.
