@@ -70,7 +70,7 @@ class StableDiffusion:
     def course_model(cls, device="cpu", dtype=torch.float32):
         """The small model this course trains (32x32 coloured shapes), from the checkpoints in
         data/; runs on a CPU in well under a second per image. Its defaults: 25 DDIM steps at
-        guidance 4, the settings chapter 10 found best. `dtype` as in `from_pretrained` (the VAE
+        guidance 4, a choice (chapters 10 and 12 measure others). `dtype` as in `from_pretrained` (the VAE
         stays in float32 under float16)."""
         device = torch.device(device)
         _check_device_dtype(device, dtype)
