@@ -239,47 +239,11 @@ print(unet_key("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weig
 print(unet_diffusers_key("up_blocks.3.attentions.2.block.ff.geglu.proj.weight"))
 
 # %% [markdown]
-# ## Speed: measured, not assumed
+# ## Speed
 #
-# `python -m minisd benchmark --component unet` writes one random SD 1.5 weight file, loads it
-# into both libraries (each in a fresh process, which also gives each one's peak memory), then
-# times their forward passes interleaved in one process on the very same tensors (batch 2, as
-# with classifier-free guidance, fp32). These numbers were measured once by
-# `python -m minisd benchmark --component unet` on the course's 2-core CPU (torch 2.13, 2
-# threads) and are typed here, not recomputed live. The machine was shared with other jobs
-# (load average ~14 on 2 cores), which made every wall-clock time 10-30× slower than on an
-# idle machine and noisy; the CPU time the process itself spent is the steadier measure.
-#
-# | | minisd | diffusers 0.42 | ratio minisd / diffusers |
-# |---|---|---|---|
-# | weight file → ready model | 0.95 s | 1.09 s | 0.88 |
-# | peak memory, load + one 4×64×64 step | 3.86 GiB | 4.18 GiB | 0.92 |
-# | step at 4×32×32, CPU time (median of 3) | 11.0 s | 11.7 s | **0.94** |
-# | step at 4×32×32, wall time | 55.6 s | 70.2 s | 0.79 |
-# | step at 4×64×64, CPU time (median of 3) | 25.8 s | 25.6 s | **1.00** |
-# | step at 4×64×64, wall time | 140 s | 94 s | 1.49 (another job ran during ours) |
-# | *second run, 64×64 only:* step, CPU time | 22.3 s | 23.2 s | **0.96** |
-# | step, wall time | 33.8 s | 39.3 s | 0.86 |
-# | weight file → ready model | 0.76 s | 0.32 s | 2.40 |
-# | peak memory, load + one step | 3.85 GiB | 4.02 GiB | 0.96 |
-#
-# Sub-second load times swing from run to run on a busy machine (building the empty model on
-# the meta device takes about 0.35 s for minisd and 0.5 s for diffusers; the rest is reading
-# the file).
-#
-# A separate single-threaded run at 4×32×32 (so no thread waits for another) gave 5.0 s of
-# CPU per step for each, ratio 1.00. In short: the same CPU time per step as diffusers (ratios
-# 0.94-1.00) and 4-8 % less peak memory; load times are not settled: minisd loaded in 0.88x
-# diffusers' time in the first run and 2.40x in the second, so sub-second loads on this busy
-# machine cannot rank the two. Both libraries call the same PyTorch
-# kernels for the same arithmetic; no honest trick makes one much faster than the other.
-#
-# Three habits keep minisd's U-Net as fast as diffusers' with the same arithmetic:
-# `F.scaled_dot_product_attention` (never the $N \times N$ matrix), contiguous NCHW tensors
-# for every convolution (the SpatialTransformer calls `.contiguous()` after turning tokens back
-# into a map), and residual additions done in place into freshly computed outputs, which saves
-# one large buffer per addition. Loading is fast because the model is built on the meta device
-# and the safetensors file is memory-mapped, not copied.
+# How fast this U-Net runs and loads next to diffusers' (the same PyTorch kernels, measured
+# with `python -m minisd benchmark --component unet`) is in the appendix,
+# [Engineering notes](appendix_engineering.ipynb).
 #
 # ## Ours == diffusers'
 #

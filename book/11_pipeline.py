@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -all
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -13,12 +13,18 @@
 # %% [markdown]
 # # 11. The full pipeline
 #
+# **You will build** `minisd.StableDiffusion`, the text-to-image pipeline: prompt → tokens →
+# context, a guided sampling loop, and the VAE decoder, with seeds, batches, negative prompts
+# and img2img (`StableDiffusion.img2img`); you will measure where its cross-attention looks,
+# load real SD 1.x weights with `from_pretrained`, and match diffusers' pipeline number for number.
+#
 # Every part is built: the tokenizer and text encoder (chapters 7-8), the U-Net (1-4), the VAE
 # (5-6) and the samplers (9-10). This chapter joins them into `minisd.StableDiffusion`, the
 # object that turns a prompt into an image, loads the real SD 1.x weights, and gives the same
 # images as diffusers' `StableDiffusionPipeline`.
 #
-# The whole algorithm, with guidance scale $s$ and the empty prompt $\varnothing$:
+# The whole algorithm, with {term}`classifier-free guidance` {cite:p}`ho2022cfg` at
+# {term}`guidance scale` $s$ and the empty prompt $\varnothing$:
 #
 # $$
 # \begin{aligned}
@@ -54,8 +60,10 @@ _ = torch.manual_seed(0)
 # The course's own model: the VAE of chapter 6, the text encoder of chapter 8 and the U-Net of
 # chapter 9, all trained on 32x32 images of coloured shapes with captions such as "a red circle
 # in the top left". `StableDiffusion.course_model()` reads its three checkpoints from `data/`;
-# it runs on any CPU in a second or so per image, with the defaults chapter 10 found best
-# (25 DDIM steps, guidance 4). Its latents are 4 x 8 x 8 (the course VAE downsamples by 4, not 8).
+# it runs on any CPU in a second or so per image. Its defaults, 25 DDIM steps at guidance 4,
+# are a choice, not a measured optimum: chapter 10 finds every image of its test set judged
+# right from guidance 2 on, with squares pinching into stars at 4, and chapter 12 finds the
+# best FID at guidance 1.5. Its latents are 4 x 8 x 8 (the course VAE downsamples by 4, not 8).
 
 # %%
 pipe = StableDiffusion.course_model()
@@ -190,7 +198,7 @@ plt.show()
 # %% [markdown]
 # ## img2img
 #
-# SDEdit (Meng et al., 2022): encode an existing image, noise it to a timestep part of the way up
+# SDEdit {cite:p}`meng2022sdedit`: encode an existing image, noise it to a timestep part of the way up
 # the chain, and run only the rest of the loop. With `strength` $= 0.6$ and 25 steps, the first
 # 10 steps are skipped and the latent starts at the 11th timestep, noised accordingly. Low
 # strength keeps the picture; high strength keeps only its rough layout. The start here is a
@@ -224,17 +232,29 @@ plt.show()
 # The package's attention never builds $A$ (it calls `F.scaled_dot_product_attention`), so here
 # a forward hook captures each cross-attention layer's inputs and recomputes $A$ from the
 # layer's own `to_q` and `to_k`; the maps are averaged over heads, layers (upsampled to 8x8) and
-# all 25 steps, for the conditional half of the guidance batch.
+# steps, for the conditional half of the guidance batch.
+#
+# A picture of two prompts can show anything; so the maps are *measured*, on 180 images (the
+# 90 course captions, each with two starting noises; 10 DDIM steps to keep it cheap). For each
+# image, the drawn shape's mask is read off the generated pixels (the shape is bright on a black
+# background), pooled to the 8x8 latent grid. For each word, the share of its attention mass
+# that falls inside the mask is compared with the share a uniform map would put there (the
+# mask's area): a ratio of 1 means the word looks everywhere alike, above 1 that it looks at
+# the shape. A word whose map sat entirely on the shape would reach 1 / (mask area), about 12
+# here.
 
 # %%
 import torch.nn.functional as F
 
-from minisd.attention import CrossAttention, SelfAttention
+from minisd.attention import CrossAttention
 
-maps = []
+TOKENS = 12                                                       # <start>, the caption's tokens, the first <end>
+attn_sum, attn_calls = None, 0
 
 
 def record(module, args, output):
+    """Add up each cross-attention layer's map A (conditional half, first TOKENS tokens) on the 8x8 grid."""
+    global attn_sum, attn_calls
     x, context = args                                             # (2B, N, C), (2B, 77, width)
     x, context = x[len(x) // 2:], context[len(context) // 2:]     # the conditional half
     B, N, C = x.shape
@@ -242,42 +262,91 @@ def record(module, args, output):
     k = module.to_k(context).view(B, 77, module.heads, -1).transpose(1, 2)    # (B, heads, 77, d)
     A = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)   # (B, N, 77)
     side = int(N ** 0.5)
-    A = A.transpose(1, 2).reshape(B, 77, side, side)              # (B, N, 77) -> (B, 77, h, w)
-    maps.append(F.interpolate(A, size=(size, size), mode="bilinear"))
+    A = A[..., :TOKENS].transpose(1, 2).reshape(B, TOKENS, side, side)       # (B, TOKENS, h, w)
+    A = F.interpolate(A, size=(size, size), mode="bilinear")
+    attn_sum = A if attn_sum is None else attn_sum + A
+    attn_calls += 1
 
 
 cross = [m for m in pipe.unet.modules() if type(m) is CrossAttention]   # attn2 of each block, not SelfAttention
 hooks = [m.register_forward_hook(record) for m in cross]
-attn_prompts = ["a red circle in the top left", "a blue triangle in the bottom right"]
-attn_images = pipe(attn_prompts, seed=2, output_type="np", progress=False)
+attn_prompts = [minisd.data.caption(*c) for c in minisd.data.combinations()] * 2      # 90 captions x 2 noises
+attn_steps = 10
+attn_images = pipe(attn_prompts, steps=attn_steps, seed=2, output_type="np", progress=False)
 for h in hooks:
     h.remove()
-A = torch.stack(maps).mean(0)                                     # (B, 77, 8, 8)
-print(f"{len(cross)} cross-attention layers x {pipe.steps} steps -> maps {tuple(A.shape)}")
+A = attn_sum / attn_calls                                          # (180, TOKENS, 8, 8): mean over layers and steps
+print(f"{len(cross)} cross-attention layers x {attn_steps} steps, {len(attn_prompts)} images -> maps {tuple(A.shape)}")
 
-fig, axes = plt.subplots(len(attn_prompts), 9, figsize=(14, 3.4))
-for row, (p, im) in enumerate(zip(attn_prompts, attn_images)):
-    words = p.split()
-    assert pipe.tokenizer([p])[0, len(words) + 1] == 49407, "one token per word expected"
-    axes[row, 0].imshow(im)
+# the drawn shape's mask from each generated image, as the share of each 4x4-pixel latent cell it covers
+light = torch.from_numpy(attn_images.max(axis=-1))                # (N, 32, 32): brightest channel, black background
+fg = (light > 0.5 * light.amax(dim=(1, 2), keepdim=True)).float()
+mask = F.avg_pool2d(fg[:, None], 32 // size)[:, 0]                 # (N, 8, 8) in [0, 1]
+uniform = mask.mean(dim=(1, 2))                                    # the share a uniform map puts inside the mask
+ROLE = {**{c: "colour word" for c in minisd.data.COLOURS}, **{sh: "shape word" for sh in minisd.data.SHAPES},
+        "top": "top / bottom", "bottom": "top / bottom", "left": "left / right", "right": "left / right",
+        "<start>": "<start>", "<end>": "<end>"}
+ratios, word_maps = {}, []                                        # word_maps: each image's (word, its 8x8 map)
+for i, p in enumerate(attn_prompts):
+    j, words = 1, [("<start>", A[i, 0])]                           # token 0 is <start>
+    for word in p.split():
+        n_tok = len(pipe.tokenizer.encode(word))                   # a word may be two tokens ("magenta")
+        words.append((word, A[i, j:j + n_tok].sum(0)))             # its attention: its tokens together
+        j += n_tok
+    assert int(pipe.tokenizer([p])[0, j]) == 49407
+    words.append(("<end>", A[i, j]))
+    word_maps.append(words)
+    for word, m in words:
+        share = float((m * mask[i]).sum() / m.sum())
+        ratios.setdefault(ROLE.get(word, f'"{word}"'), []).append(share / float(uniform[i]))
+print(f"shape mask: {float(uniform.mean()):.1%} of the image on average, so a map entirely on it would score "
+      f"about {float((1 / uniform).mean()):.0f}")
+print(f"{'word':16s} {'n':>4s}  share inside the mask / uniform share (mean, 95 % interval)")
+for role, r in ratios.items():
+    r = np.array(r)
+    half = 1.96 * r.std(ddof=1) / np.sqrt(len(r))
+    print(f"{role:16s} {len(r):4d}  {r.mean():.2f}  [{r.mean() - half:.2f}, {r.mean() + half:.2f}]")
+mean_ratio = {role: float(np.mean(r)) for role, r in ratios.items()}
+assert max(mean_ratio.values()) < 2 and mean_ratio["<start>"] < 1
+
+# %% [markdown]
+# Two of these images, each word's map shown as the same ratio (its attention at each pixel
+# over its mean over the image: 1 = uniform), on **one colour scale for every panel**, with
+# the shape's mask outlined:
+
+# %%
+show_rows = [attn_prompts.index("a red circle in the top left"), attn_prompts.index("a blue triangle in the bottom right")]
+panels = max(len(word_maps[i]) for i in show_rows)
+vmax = max(float((m / m.mean()).max()) for i in show_rows for _, m in word_maps[i])
+fig, axes = plt.subplots(len(show_rows), panels + 1, figsize=(14, 3.6))
+for row, i in enumerate(show_rows):
+    axes[row, 0].imshow(attn_images[i])
     axes[row, 0].set_title("image", fontsize=9)
-    for col, j in enumerate(range(len(words) + 1)):
-        label = words[j - 1] if j else "<start>"
-        axes[row, col + 1].imshow(A[row, j].numpy(), cmap="inferno")
-        axes[row, col + 1].set_title(label, fontsize=9)
+    for col, (word, m) in enumerate(word_maps[i]):
+        im = axes[row, col + 1].imshow((m / m.mean()).numpy(), cmap="inferno", vmin=0, vmax=vmax)
+        axes[row, col + 1].contour(mask[i].numpy(), levels=[0.25], colors="cyan", linewidths=1)
+        axes[row, col + 1].set_title(word, fontsize=9)
     for ax in axes[row]:
         ax.axis("off")
-fig.suptitle("cross-attention per token (8x8 latent grid, averaged over heads, layers and steps)")
+fig.colorbar(im, ax=axes, fraction=0.015, label="attention / its image mean")
+fig.suptitle(f"cross-attention per word ({attn_steps} DDIM steps; heads, layers and steps averaged; cyan: the shape)")
 plt.show()
 
 # %% [markdown]
-# This is a 1.8M-parameter U-Net working on an 8x8 grid, and its maps are coarse (each panel has
-# its own colour scale). Still, some words clearly point at the object: "circle" and "top" in the
-# first row and "triangle" in the second concentrate where the shape was drawn, while "<start>"
-# and "a" spread over the background. Other words ("left", "bottom") show no clean location:
-# position can also be carried by other tokens (CLIP's text encoder is causal, so each token's
-# vector also holds every word before it, and the padding tokens after the caption hold all of
-# it) and by the self-attention layers.
+# What the numbers say: on this model, no word's attention concentrates on the shape. The
+# shape covers about 8 % of the image; a word looking only at it would score about 13, and the
+# highest mean ratio is 1.25. The colour and shape words sit slightly above uniform (1.08 and
+# 1.16), but so do "in" (1.18) and the first end token (1.25); the position words sit at or
+# below uniform (0.88-0.98), so they do not point at where the shape is; "<start>" and "a"
+# look *away* from the shape, at the background (0.64). A single pair of panels, each on its
+# own colour scale (as an earlier version of this chapter drew them), made some words look
+# localised; measured over 180 images they are not. The course U-Net does place the shape
+# where the caption says (chapter 10's judge finds the position right), so position must
+# travel another way: through the text encoder's causal context (each token's vector also
+# holds every word before it, and the end and padding tokens hold all of them), spread over all
+# pixels, and through the self-attention layers that pass it across the image. Maps that do
+# localise words, as in large models (Prompt-to-Prompt, Hertz et al., 2022, edits images by
+# steering them), are a property of those models, not a law of cross-attention.
 
 # %% [markdown]
 # ## Real Stable Diffusion 1.5
@@ -307,9 +376,18 @@ else:
     plt.show()
 
 # %% [markdown]
-# In float16 the U-Net and text encoder run at half the memory; the VAE stays in float32,
-# because SD's VAE decoder overflows float16's range at 512x512 and returns NaN (a black image).
-# diffusers solves it the same way (`force_upcast`).
+# In {term}`fp16` the U-Net and text encoder run at half the memory; minisd keeps the VAE in
+# float32. Whether a VAE overflows float16 (largest value 65,504) depends on its trained
+# weights, and nothing in this book measures it for SD 1.5's VAE: random or course weights
+# cannot show it. What is documented is SDXL's VAE: its decoder's activations grow too large
+# for float16 and it returns NaN, which is why the
+# [SDXL-VAE-FP16-Fix](https://huggingface.co/madebyollin/sdxl-vae-fp16-fix) model card
+# fine-tuned a copy with smaller activations, and why diffusers' `AutoencoderKL` has a
+# `force_upcast` flag ("force the VAE to run in float32 for high image resolution pipelines,
+# such as SD-XL") that its SDXL pipelines read before decoding. (diffusers' SD 1.x pipeline
+# does not read it: it decodes SD 1.5 in float16.) minisd's reason is the one behind
+# `force_upcast`: the decoder runs once per image against two U-Net passes per step, so
+# float32 there costs little, and it removes the risk for any VAE a user loads.
 
 # %% [markdown]
 # ## SD 1 and SD 2
@@ -599,38 +677,86 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 # with that sampler.
 
 # %% [markdown]
-# ## Speed
+# How fast this pipeline runs and loads next to diffusers', on a CPU and on an H200 GPU, and
+# how its load time was brought down, is in the appendix,
+# [Engineering notes](appendix_engineering.ipynb).
+
+# %% [markdown]
+# ## Exercises
 #
-# `python -m minisd benchmark --component pipeline` times text to image end to end, minisd and
-# diffusers on the very same random SD 1.5 tensors, in interleaved runs (medians of 3); on a
-# CPU at 256x256 with 4 PNDM steps in float32, on a GPU at 512x512 with 30 steps in float16.
-# `--component unet` times one U-Net step (batch 2, as under guidance), and `--compile` adds
-# both models through `torch.compile`. Measured so far:
+# **Exercise 11.1 (★)** Show from the guidance formula that $s = 1$ is the conditional model
+# alone, then check it with numbers: run the chapter's by-hand loop (two U-Net passes per step,
+# the formula at $s = 1$) from `x_T`, and compare with `pipe(prompt, guidance=1.0, ...)`, which
+# skips the unconditional pass (as diffusers does).
+
+# %% tags=["solution", "hide-cell"]
+# eps_u + 1 * (eps_c - eps_u) = eps_c: the unconditional prediction cancels exactly
+def by_hand(context2, x_start, s, steps=25, flip=False):
+    """The chapter's loop: context2 = [uncond; cond] contexts (2B, 77, D), x_start (B, 4, 8, 8)."""
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(steps)
+    x = x_start * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps_u, eps_c = pipe.unet(sched.scale_model_input(torch.cat([x, x]), t), t, context2).chunk(2)
+            eps = eps_c + s * (eps_u - eps_c) if flip else eps_u + s * (eps_c - eps_u)
+            x = sched.step(eps, t, x)
+        return pipe.decode(x).permute(0, 2, 3, 1).numpy()
+
+
+two_pass = by_hand(context, x_T, s=1.0)
+one_pass = pipe(prompt, latents=x_T, guidance=1.0, output_type="np", progress=False)
+print(f"s = 1 with both passes vs the conditional pass alone: max |diff| = {np.abs(two_pass - one_pass).max():.1e}")
+assert np.abs(two_pass - one_pass).max() < 1e-4     # the same image: s = 1 is the conditional model
+
+# %% [markdown]
+# **Exercise 11.2 (★★, break it and watch)** A classic bug: the two halves of the guidance
+# batch swapped, so the formula becomes $\epsilon_c + s(\epsilon_u - \epsilon_c)$, a push *away*
+# from the prompt. Generate 30 course captions (every third of `minisd.data.combinations()`)
+# with 10 DDIM steps at $s = 4$, the right way and swapped, and let the judge
+# (`minisd.metrics.Judge.load()`) read both.
+
+# %% tags=["solution", "hide-cell"]
+judge = minisd.metrics.Judge.load()
+test_prompts = [minisd.data.caption(*c) for c in minisd.data.combinations()[::3]]
+with torch.no_grad():
+    test_context = pipe.text_encoder(pipe.tokenizer([""] * len(test_prompts) + test_prompts))   # [uncond; cond]
+test_noise = torch.randn(len(test_prompts), 4, size, size, generator=torch.Generator().manual_seed(0))
+accuracy = {}
+for flip in (False, True):
+    images = (by_hand(test_context, test_noise, s=4.0, steps=10, flip=flip) * 255).round().astype(np.uint8)
+    accuracy[flip] = judge.accuracy(images, test_prompts)
+    print(("swapped" if flip else "right  "), {k: f"{v:.0%}" for k, v in accuracy[flip].items()})
+# swapped, guidance pushes away from the caption: the images stop matching it
+assert accuracy[False]["all"] >= 0.9 and accuracy[True]["all"] < 0.5
+
+# %% [markdown]
+# **Exercise 11.3 (★★)** img2img with 25 steps at strength 0.6: how many U-Net calls does it
+# make, and at which timestep does it start? Work it out from the text above, then count the
+# calls with a forward hook on `pipe.unet` and compare the first timestep with the sampler's
+# `timesteps`.
+
+# %% tags=["solution", "hide-cell"]
+seen_t = []
+hook = pipe.unet.register_forward_hook(lambda module, args, output: seen_t.append(int(torch.as_tensor(args[1]).flatten()[0])))
+_ = pipe.img2img("a blue square in the center", start[0], strength=0.6, steps=25, seed=0, output_type="np",
+                 progress=False)
+hook.remove()
+ddim = make_scheduler("ddim")
+ddim.set_timesteps(25)
+skipped = 25 - int(25 * 0.6)
+print(f"{len(seen_t)} U-Net calls (each a batch of 2: cond and uncond), first t = {seen_t[0]}; "
+      f"the sampler's timesteps[{skipped}] = {int(ddim.timesteps[skipped])}")
+assert len(seen_t) == 15 and seen_t[0] == int(ddim.timesteps[10])   # 10 steps skipped, 15 run
+
+# %% [markdown]
+# ## What you built
 #
-# | where | what | minisd | diffusers | ratio |
-# |---|---|---|---|---|
-# | CPU, 2 cores, 2 threads | text to image, end to end | 16.0-16.3 s | 15.8-16.3 s | 0.99 and 1.03 (two runs) |
-# | CPU | folder -> parts ready (fresh process) | 0.21 s | 0.24 s | 0.87 |
-# | CPU | peak memory while loading | 4.45 GiB | 4.45 GiB | 1.00 |
-# | H200, fp16 | text to image, 512x512, 30 steps | 0.62 s | 0.87 s | 0.71 |
-# | H200, fp16 | one U-Net step, 64x64 latents, batch 2 | 19 ms | 26 ms | 0.75 |
-# | H200, fp16 | the same step through `torch.compile` | 14 ms | 15 ms | 0.95 |
-# | H200, fp16 | folder -> parts ready | 0.80 s | 0.87 s | 0.92 |
-# | H200, fp16 | peak GPU memory after loading | 2.18 GiB | 2.02 GiB | 1.08 |
-#
-# The two images agree to 1e-6 in float32 and to 2.5e-3 in float16 (each library rounds its
-# own way). The CPU rows come from a quiet machine: on the CPU the two are level, the same
-# kernels doing nearly all the work (an earlier run, on a machine busy with other jobs, had
-# shown 0.75; it did not hold up). minisd's load time excludes its tokenizer, whose 49,408-word
-# vocabulary is read on first use (about 0.1 s), as the diffusers side here loads none. On the GPU
-# `torch.compile` (default mode, about 42 s of compiling on the first call for each library)
-# makes minisd's step 1.37x faster and diffusers' 1.74x, and leaves them nearly equal; minisd's
-# eager lead is probably launch overhead (at 26 ms a step, Python and kernel launches weigh; we
-# have not profiled it), which compiling removes for both. minisd uses more GPU memory after loading because it keeps its VAE in
-# float32 for good, while diffusers keeps it in float16 and upcasts it for each decode
-# (`force_upcast`): the same float32 VAE exists in both during decoding.
-#
-# Loading first measured 3.6 s, 6.6x diffusers: a profile showed 7 s of it in `normal_` on the
-# text encoder's 49,408 x 768 token table, which, even on the meta device, sends torch through a
-# slow path on its first call. minisd now draws nothing when it builds a model that is about to
-# receive weights.
+# `minisd.StableDiffusion`: the text encoder's context for the prompt and the empty (or
+# negative) prompt, a sampler loop with classifier-free guidance at two U-Net passes per step
+# in one batch, the VAE decoder after dividing by the scaling factor; seeds drawn on the CPU,
+# batches, negative prompts and `img2img` (SDEdit). It loads SD 1.x weights from a diffusers
+# folder or one original file (`from_pretrained`, `minisd.weights`) and gives diffusers'
+# images on identical weights. On the course model its cross-attention maps, measured over 180
+# images, do not localise words. Next: how to tell whether the images are *good*, with FID
+# and CLIP score (chapter 12).

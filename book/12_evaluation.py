@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -15,6 +16,12 @@
 
 # %% [markdown]
 # # 12. Evaluation: FID and CLIP score
+#
+# **You will build** the two numbers text-to-image papers report, from scratch and in
+# `minisd.metrics`: {term}`FID` (`metrics.frechet_distance`, `metrics.fid`) and {term}`CLIP score`
+# (`metrics.clip_score`), with the Fréchet distance derived and checked; then you will measure
+# them on the course model against guidance, sampler, steps and sample size, next to the
+# automatic judge (`metrics.Judge`).
 #
 # How good is a text-to-image model? The seed notes name the two numbers everyone reports:
 # **FID** (Fréchet Inception Distance), which measures how *realistic* the images are as a
@@ -98,12 +105,12 @@ plt.show()
 # %% [markdown]
 # ## FID: the distance between two Gaussians
 #
-# FID (Heusel et al., 2017, "GANs trained by a two time-scale update rule converge to a local
-# Nash equilibrium") does not compare images one by one. It
+# FID {cite:p}`heusel2017fid` does not compare images one by one. It
 #
 # 1. passes every image through a fixed **feature network** and keeps one vector per image;
 # 2. fits a **Gaussian** to each set of vectors: a mean $\mu$ and a covariance $\Sigma$;
-# 3. returns the **Fréchet distance** (the 2-Wasserstein distance) between the two Gaussians:
+# 3. returns the **Fréchet distance** between the two Gaussians, which for Gaussians is the
+#    *squared* 2-Wasserstein distance $W_2^2$ (derived in the next section):
 #
 # $$\mathrm{FID} = \lVert \mu_r - \mu_g \rVert^2 + \operatorname{tr}\left(\Sigma_r + \Sigma_g - 2\,(\Sigma_r \Sigma_g)^{1/2}\right).$$
 #
@@ -111,6 +118,71 @@ plt.show()
 # (too little variety in the generated set is penalised, not only wrong content). FID is 0
 # when the two Gaussians are equal, and **lower is better**. Two caveats are built in: it
 # sees only what the feature network sees, and only the first two moments of it.
+#
+# ### Where the formula comes from
+#
+# The 2-Wasserstein distance between two distributions $P$ and $Q$ is the cheapest way to move
+# one onto the other, paying the squared distance moved:
+# $W_2^2(P, Q) = \min \mathbb E\,\lVert X - Y \rVert^2$ over all joint distributions (couplings)
+# of $X \sim P$ and $Y \sim Q$. Split each variable into its mean and the rest,
+# $X = \mu_1 + X_0$, $Y = \mu_2 + Y_0$. The cross term $2(\mu_1 - \mu_2)^\top \mathbb E[X_0 - Y_0]$
+# vanishes, so for every coupling
+#
+# $$\mathbb E\lVert X - Y\rVert^2 = \lVert \mu_1 - \mu_2\rVert^2 + \operatorname{tr}\Sigma_1 + \operatorname{tr}\Sigma_2 - 2\,\operatorname{tr}\,\mathbb E[X_0 Y_0^\top] .$$
+#
+# Only the last term depends on the coupling: the best coupling makes $X_0$ and $Y_0$ as
+# correlated as their covariances allow. In **1-D** that is $Y_0 = (\sigma_2/\sigma_1) X_0$,
+# with $\mathbb E[X_0 Y_0] = \sigma_1\sigma_2$, so
+#
+# $$W_2^2 = (\mu_1 - \mu_2)^2 + \sigma_1^2 + \sigma_2^2 - 2\sigma_1\sigma_2 = (\mu_1-\mu_2)^2 + (\sigma_1 - \sigma_2)^2 .$$
+#
+# In $d$ dimensions, for two Gaussians, the best coupling is again linear, and the largest
+# $\operatorname{tr}\mathbb E[X_0Y_0^\top]$ is $\operatorname{tr}\big(\Sigma_1^{1/2}\Sigma_2\Sigma_1^{1/2}\big)^{1/2}$
+# (a classical result of Dowson & Landau and of Olkin & Pukelsheim, 1982), which has the same
+# trace as $(\Sigma_1\Sigma_2)^{1/2}$ (the two matrices are similar). That gives FID's
+# formula: the Fréchet distance *is* $W_2^2$, not $W_2$. (For other distributions the formula
+# is only the $W_2^2$ between their Gaussian fits.)
+#
+# The check: draw samples of two Gaussians and compute $W_2^2$ between the *samples* directly,
+# by solving the transport problem, with no formula. In 1-D the best coupling of two equal-size
+# samples pairs them in sorted order; in 2-D it is an assignment problem
+# (`scipy.optimize.linear_sum_assignment` on the matrix of squared distances).
+
+# %%
+from scipy.optimize import linear_sum_assignment
+
+rng = np.random.default_rng(0)
+# 1-D: N(1, 2^2) against N(-0.5, 0.5^2)
+m1, s1, m2, s2 = 1.0, 2.0, -0.5, 0.5
+x, y = rng.normal(m1, s1, 200_000), rng.normal(m2, s2, 200_000)
+w2_samples = np.mean((np.sort(x) - np.sort(y)) ** 2)              # the optimal (monotone) coupling
+w2_closed = (m1 - m2) ** 2 + (s1 - s2) ** 2
+print(f"1-D: closed form {w2_closed:.4f}, optimal transport of 200,000 samples {w2_samples:.4f}")
+assert abs(w2_samples - w2_closed) < 0.02 * w2_closed
+
+# 2-D: two correlated Gaussians
+mu1, mu2 = np.array([0.0, 0.0]), np.array([1.0, -1.0])
+S1, S2 = np.array([[2.0, 0.8], [0.8, 1.0]]), np.array([[0.5, -0.3], [-0.3, 1.5]])
+root1 = scipy.linalg.sqrtm(S1).real
+w2_closed_2d = ((mu1 - mu2) ** 2).sum() + np.trace(S1 + S2 - 2 * scipy.linalg.sqrtm(root1 @ S2 @ root1).real)
+print(f"tr (S1 S2)^1/2 = {np.trace(scipy.linalg.sqrtm(S1 @ S2).real):.6f}, "
+      f"tr (S1^1/2 S2 S1^1/2)^1/2 = {np.trace(scipy.linalg.sqrtm(root1 @ S2 @ root1).real):.6f}")
+estimates = []
+for seed in range(4):
+    r = np.random.default_rng(seed)
+    a2, b2 = r.multivariate_normal(mu1, S1, 800), r.multivariate_normal(mu2, S2, 800)
+    cost = ((a2[:, None, :] - b2[None, :, :]) ** 2).sum(-1)         # (800, 800) squared distances
+    rows_, cols_ = linear_sum_assignment(cost)
+    estimates.append(cost[rows_, cols_].mean())
+print(f"2-D: closed form {w2_closed_2d:.4f}, optimal transport of 800 samples (4 draws) "
+      f"{np.mean(estimates):.4f} ± {np.std(estimates):.4f}; metrics.frechet_distance on the last draw "
+      f"{metrics.frechet_distance(a2, b2):.4f}")
+assert abs(np.mean(estimates) - w2_closed_2d) < 0.05 * w2_closed_2d
+
+# %% [markdown]
+# The transport between samples finds the closed form's number (within sampling error): FID's
+# formula is the squared distance, in the units of the features squared. Its square root,
+# $W_2$, would be in the features' own units; FID keeps the square.
 #
 # Our feature network is the course CLIP's **image tower** (chapter 8): a 32x32 image in
 # $[-1, 1]$ to a 64-d embedding. We take the embedding *before* CLIP normalises it to unit
@@ -174,9 +246,12 @@ plt.show()
 #
 # ## CLIP score: does the image match its prompt?
 #
-# CLIP score (Hessel et al., 2021, "CLIPScore") embeds each image and its own caption with
-# CLIP and averages $\max(100 \cos(u_i, v_i), 0)$ over the pairs (`metrics.clip_score`,
-# chapter 8). **Higher is better**. It needs no reference images, only prompts, so it
+# CLIP score embeds each image and its own caption with {term}`CLIP` {cite:p}`radford2021clip`
+# and averages a clipped cosine over the pairs. Two scalings are in use. Hessel et al.'s
+# CLIP-S {cite:p}`hessel2021clipscore` is $w \cdot \max(\cos(u_i, v_i), 0)$ with $w = 2.5$;
+# torchmetrics' `CLIPScore`, which diffusers' documentation and most SD reports use, computes
+# $\max(100 \cos(u_i, v_i), 0)$, that is $w = 100$. `metrics.clip_score` (chapter 8) follows
+# torchmetrics; multiply by 0.025 to get CLIP-S. **Higher is better**. It needs no reference images, only prompts, so it
 # measures prompt fidelity rather than realism. Here both towers are the course CLIP's. Two
 # references frame it: the score of *real* images with their captions (the best a set can
 # hope for under this CLIP) and of real images with *shuffled* captions (what unrelated
@@ -200,6 +275,9 @@ print(f"{'real images (the reference)':32s}{'0':>7s}{metrics.clip_score(img['rea
 for name, f, cs, acc in rows:
     print(f"{name:32s}" + (f"{f:7.2f}" if f is not None else f"{'-':>7s}") + f"{cs:12.2f}"
           + (f"{acc['all']:8.1%}" if acc is not None else f"{'-':>8s}"))
+cos_gen = torch.nn.functional.cosine_similarity(img["gen"], text, dim=-1)
+print(f"the course model's score as Hessel et al.'s CLIP-S (w = 2.5): {2.5 * cos_gen.clamp(min=0).mean():.3f} "
+      f"= 0.025 x {metrics.clip_score(img['gen'], text):.2f}")
 
 # %% [markdown]
 # The course model is close to real data by two of the measures: the judge finds every one
@@ -218,7 +296,7 @@ for name, f, cs, acc in rows:
 #
 # ## The guidance scale: FID against CLIP score
 #
-# Classifier-free guidance (chapter 10) pushes each sample towards its prompt. The Stable
+# Guidance ({term}`classifier-free guidance` {cite:p}`ho2022cfg`, chapter 10) pushes each sample towards its prompt. The Stable
 # Diffusion v1 model cards plot FID against CLIP score (ViT-L/14) for each checkpoint, one
 # point per guidance scale $s$ = 1.5, 2, 3, ..., 8 with 50 PLMS steps on COCO 2017 validation
 # prompts; GLIDE (Nichol et al., 2021) and Imagen (Saharia et al., 2022) draw the same kind of
@@ -432,12 +510,12 @@ plt.show()
 # With real networks on disk, the metrics of this chapter take them as a `feature_fn`:
 # `metrics.clip_image_features(model)` for a transformers `CLIPVisionModelWithProjection`,
 # and `metrics.inception_features(path)` for the TorchScript Inception-v3 of the
-# StyleGAN2-ADA / clean-fid metrics (`inception-2015-12-05.pt`), which reproduces the
-# TensorFlow FID network without torchvision.
+# StyleGAN2-ADA / clean-fid {cite:p}`parmar2022cleanfid` metrics (`inception-2015-12-05.pt`),
+# which reproduces the TensorFlow FID network without torchvision.
 #
 # ## Ours == the reference formula
 #
-# pytorch-fid and the original TensorFlow code of Heusel et al. compute the covariance term
+# pytorch-fid and the original TensorFlow code of Heusel et al. {cite:p}`heusel2017fid` compute the covariance term
 # with a general matrix square root of $\Sigma_r \Sigma_g$ (scipy's `sqrtm`). Ours on the same
 # features, at N = 400 and at N = 50, where both covariances (64-d features from 50 images)
 # are singular:
@@ -454,3 +532,87 @@ for n in [400, 50]:
     x, y = f_real[:n].double().numpy(), f_gen[:n].double().numpy()
     ours, theirs = metrics.frechet_distance(x, y), sqrtm_reference(x, y)
     print(f"N = {n:3d}: ours {ours:.6f}  scipy sqrtm {theirs:.6f}  |diff| = {abs(ours - theirs):.1e}")
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 12.1 (★)** Add the same vector $c$ to every generated feature vector. Which term of
+# FID changes, and by how much? Predict it from the formula, then check it on `f_real`,
+# `f_gen` with $c$ = 0.1 times the first real feature vector.
+
+# %% tags=["solution", "hide-cell"]
+shift = 0.1 * f_real[0]
+base_fid = metrics.frechet_distance(f_real, f_gen)
+moved_fid = metrics.frechet_distance(f_real, f_gen + shift)
+# only the mean term moves: |mu_r - mu_g - c|^2 - |mu_r - mu_g|^2 = |c|^2 - 2 c . (mu_r - mu_g)
+gap = (f_real.double().mean(0) - f_gen.double().mean(0))
+predicted = float((shift.double() ** 2).sum() - 2 * (shift.double() * gap).sum())
+print(f"FID {base_fid:.4f} -> {moved_fid:.4f}: change {moved_fid - base_fid:.4f}, predicted {predicted:.4f}")
+assert abs((moved_fid - base_fid) - predicted) < 1e-3 * max(1.0, abs(predicted))   # covariances untouched
+
+# %% [markdown]
+# **Exercise 12.2 (★★, break it and watch)** A model that draws every caption right but always
+# the *same* picture for a caption (mode collapse within each caption) would satisfy the judge.
+# Does FID notice? Build such a "model" from the 400 generated images: replace each image by
+# the first generated image with the same caption. Compare judge accuracy, CLIP score, FID
+# against the real images and the total variance $\operatorname{tr}\Sigma$ of the features
+# with the honest generated set, and explain what you see from FID's formula.
+
+# %% tags=["solution", "hide-cell"]
+first_of = {}
+for i, c in enumerate(captions):
+    first_of.setdefault(c, i)
+collapsed = gen[[first_of[c] for c in captions]]                  # one picture per caption, repeated
+with torch.no_grad():
+    f_collapsed = course_features(collapsed)
+    emb_collapsed = clip.encode_image(data.to_tensor(collapsed))
+collapse = {"honest": (judge.accuracy(gen, captions)["all"], metrics.clip_score(img["gen"], text), fid_gen),
+            "collapsed": (judge.accuracy(collapsed, captions)["all"], metrics.clip_score(emb_collapsed, text),
+                          metrics.frechet_distance(f_real, f_collapsed))}
+print(f"{len(first_of)} distinct pictures for {len(captions)} captions")
+for name, (acc, cs, f) in collapse.items():
+    print(f"{name:10s} judge {acc:6.1%}   CLIP score {cs:6.2f}   FID {f:6.2f}")
+trace = {name: float(np.trace(np.cov(x.double().numpy(), rowvar=False)))
+         for name, x in [("real", f_real), ("honest", f_gen), ("collapsed", f_collapsed)]}
+print("total variance tr(Sigma):", {k: round(v, 1) for k, v in trace.items()})
+# FID does not catch this collapse. It sees only the mean and covariance of the features: each
+# caption's one picture is itself a random draw, so on average it sits as far from its
+# caption's centre as the many pictures did, and the two moments barely change (the FIDs differ
+# by less than the spread over subsets measured above). Two moments of a feature cloud cannot
+# tell "varied" from "repeated"; only more pictures per caption, or a look at them, can.
+assert collapse["collapsed"][0] >= collapse["honest"][0] - 0.01
+assert collapse["collapsed"][2] < collapse["honest"][2] + 1.0      # not worse by FID
+
+# %% [markdown]
+# **Exercise 12.3 (★★★)** FID's small-$N$ bias without any model: draw two sets of $N$ vectors
+# from the *same* 64-dimensional standard Gaussian (the true FID is exactly 0) for
+# $N$ = 100, 200, 400, 800, 10 times each. How does the mean FID scale with $N$? Fit
+# $\mathrm{FID}_N = k/N$ and compare $k$ with a prediction: the two sample means differ by
+# $\mathbb E\lVert\hat\mu_1 - \hat\mu_2\rVert^2 = 2d/N$, and writing each sample covariance
+# as $I + E_i$, the trace term is about $\operatorname{tr}(E_1 - E_2)^2/4$, whose mean is
+# $(d^2 + d)/(2N)$ (each entry of $E_i$ has variance about $1/N$, twice that on the diagonal).
+
+# %% tags=["solution", "hide-cell"]
+g = np.random.default_rng(1)
+D = 64
+null_fid = {n: np.mean([metrics.frechet_distance(g.standard_normal((n, D)), g.standard_normal((n, D)))
+                        for _ in range(10)]) for n in (100, 200, 400, 800)}
+k_fit = np.mean([n * v for n, v in null_fid.items()])
+for n, v in null_fid.items():
+    print(f"N = {n:4d}: FID {v:6.3f}   N x FID = {n * v:7.1f}")
+predicted_k = 2 * D + (D * D + D) / 2
+print(f"k about {k_fit:.0f}; predicted 2d + (d^2 + d) / 2 = {predicted_k:.0f}")
+# FID halves with each doubling of N, a 1/N bias of the predicted size
+assert all(0.4 < null_fid[2 * n] / null_fid[n] < 0.6 for n in (100, 200, 400)) and abs(k_fit / predicted_k - 1) < 0.05
+
+# %% [markdown]
+# ## What you built
+#
+# `metrics.frechet_distance` (FID's formula, the squared 2-Wasserstein distance between two
+# Gaussian fits, derived and checked against optimal transport between samples),
+# `metrics.fid` (features in, distance out), `metrics.clip_score` (torchmetrics' $w = 100$;
+# Hessel et al.'s CLIP-S is 0.025 times it) and the judge beside them, with the course CLIP as
+# the feature network. On the course model they tell one story with different resolutions:
+# guidance trades realism (best FID at $s = 1.5$) for prompt fidelity; samplers differ most
+# at few steps; and FID at a few hundred images carries a $k/N$ bias as large as the gaps it
+# is asked to rank. Next: changing what the model can draw, with a LoRA (chapter 13).

@@ -79,7 +79,8 @@ class StableDiffusion:
         original single file (.safetensors, or .ckpt read with torch.load(weights_only=True)),
         which carries no scheduler file (see `single_file_scheduler`). `prediction_type`
         ("epsilon" or "v_prediction") overrides what the files say. Tensors go straight to
-        `device` and `dtype`; in float16 the VAE stays in float32, where SD's VAE cannot overflow."""
+        `device` and `dtype`; in float16 the VAE stays in float32 (cheap next to the U-Net, and safe
+        for a VAE whose activations exceed float16, as SDXL's do; chapter 11)."""
         device = torch.device(device)
         _check_device_dtype(device, dtype)
         if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -109,8 +110,9 @@ class StableDiffusion:
     def course_model(cls, device="cpu", dtype=torch.float32):
         """The small model this course trains (32x32 coloured shapes), from the checkpoints in
         data/; runs on a CPU in well under a second per image. Its defaults (sampler, steps,
-        guidance: the settings chapter 10 found best) are read from the U-Net checkpoint's
-        metadata. `dtype` as in `from_pretrained` (the VAE stays in float32 under float16)."""
+        guidance: a choice, which chapters 10 and 12 measure against others) are read from the
+        U-Net checkpoint's metadata. `dtype` as in `from_pretrained` (the VAE stays in float32
+        under float16)."""
         device = torch.device(device)
         _check_device_dtype(device, dtype)
         files = {part: checkpoint.course_path(part) for part in checkpoint.COURSE_FILES}

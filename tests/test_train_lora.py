@@ -188,6 +188,19 @@ def test_cli_rejects_a_word_that_is_no_new_concept():
         train.cli_lora(["--concept", "hexagon"])
     with pytest.raises(SystemExit, match=r"--replay: .*\[0, 1\).*got 1.5"):
         train.cli_lora(["--concept", "bar", "--replay", "1.5"])
+    with pytest.raises(SystemExit, match="--sweep-only needs --rank-sweep"):
+        train.cli_lora(["--concept", "bar", "--sweep-only"])
+
+
+def test_shipped_rank_sweep_log_has_fixed_alpha_and_three_seeds_per_rank():
+    import json
+    log = json.loads((minisd.DATA_DIR / "course_lora_bar_rank_sweep.json").read_text())
+    assert log["alpha"] == 4.0 and log["steps"] == 500 and log["seeds"] == [0, 1, 2]
+    rows = log["rank_sweep"]
+    assert sorted({(r["rank"], r["seed"]) for r in rows}) == [(r, s) for r in (1, 4, 16) for s in (0, 1, 2)]
+    for r in rows:
+        assert 0 <= r["new_accuracy"] <= 1 and 0 <= r["old_accuracy"] <= 1 and r["delta_norm"] > 0
+        assert r["params"] == 4544 * r["rank"]          # 4,544 numbers per unit of rank on the 40 projections
 
 
 # --- the real-SD trainer: a tiny diffusers folder and a folder of captioned images ------------

@@ -178,30 +178,40 @@ def _lora_size(unet_with_lora):
         return os.path.getsize(path), lora.count_parameters(unet_with_lora)[0]
 
 
-def lora_rank_sweep(ranks, concept="bar", steps=300, seed=0, progress=True, **train_kwargs):
-    """Chapter 13's rank sweep: for each rank, a fresh course U-Net, `steps` LoRA steps, then
-    new-concept and old-prompt accuracy (fewer seeds than the main evaluation), parameters and
-    file size. Returns a list of dicts."""
+def lora_rank_sweep(ranks, concept="bar", steps=300, seed=0, progress=True, seeds=None, **train_kwargs):
+    """Chapter 13's rank sweep: for each rank (and each training seed of `seeds`, default just
+    `seed`), a fresh course U-Net, `steps` LoRA steps, then new-concept and old-prompt accuracy
+    (fewer seeds than the main evaluation), parameters, file size and the size of the update
+    (`delta_norm`: sqrt of the sum over layers of ||delta W||_F^2). The data are encoded once
+    with `seed`. Returns a list of dicts."""
     import time
+    import torch
+    from .. import lora
     from ..checkpoint import course_unet
+    seeds = (seed,) if seeds is None else tuple(seeds)
     vae, text_encoder, tokenizer = frozen_course_models()
     encoded = encode_concept_data(vae, text_encoder, tokenizer, concept, seed=seed)
     rows = []
     for rank in ranks:
-        unet = course_unet().requires_grad_(False)
-        c0 = time.process_time()
-        unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=seed,
-                             encoded=encoded, progress=progress, **train_kwargs)
-        cpu = time.process_time() - c0
-        ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=(0, 1, 2), old_seeds=(0,),
-                           n_real=0)
-        file_bytes, params = _lora_size(unet)
-        rows.append({"rank": rank, "params": params, "file_bytes": file_bytes,
-                     "new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
-                     "train_cpu_seconds": round(cpu, 1)})
-        if progress:
-            print(f"rank {rank:3d}: {params:7,d} parameters, {file_bytes:8,d} bytes, new {rows[-1]['new_accuracy']:.3f}, "
-                  f"old {rows[-1]['old_accuracy']:.3f}, {cpu:.0f} s CPU", flush=True)
+        for s in seeds:
+            unet = course_unet().requires_grad_(False)
+            c0 = time.process_time()
+            unet, _ = train_lora(unet, vae, text_encoder, tokenizer, concept, rank=rank, steps=steps, seed=s,
+                                 encoded=encoded, progress=progress, **train_kwargs)
+            cpu = time.process_time() - c0
+            with torch.no_grad():
+                delta = sum(float(m.delta_weight().pow(2).sum()) for m in unet.modules()
+                            if isinstance(m, lora.LoRALinear)) ** 0.5
+            ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=(0, 1, 2), old_seeds=(0,),
+                               n_real=0)
+            file_bytes, params = _lora_size(unet)
+            rows.append({"rank": rank, "seed": s, "params": params, "file_bytes": file_bytes,
+                         "new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
+                         "delta_norm": round(delta, 4), "train_cpu_seconds": round(cpu, 1)})
+            if progress:
+                print(f"rank {rank:3d} seed {s}: {params:7,d} parameters, {file_bytes:8,d} bytes, "
+                      f"new {rows[-1]['new_accuracy']:.3f}, old {rows[-1]['old_accuracy']:.3f}, "
+                      f"|dW| {delta:.3f}, {cpu:.0f} s CPU", flush=True)
     return rows
 
 
@@ -234,6 +244,12 @@ def cli_lora(argv):
     p.add_argument("--rank-sweep", default=None, help="course mode: comma-separated ranks, e.g. 1,2,4,8,16: "
                    "also train one LoRA per rank (--sweep-steps steps each) and log accuracy vs rank vs file size")
     p.add_argument("--sweep-steps", type=int, default=300)
+    p.add_argument("--sweep-seeds", default=None, help="course mode: comma-separated training seeds for each rank "
+                   "of the sweep (default: --seed only)")
+    p.add_argument("--sweep-alpha", type=float, default=None, help="course mode: one alpha for every rank of the "
+                   "sweep (default: alpha = rank, update scale 1)")
+    p.add_argument("--sweep-only", action="store_true", help="course mode: run only the rank sweep (no main LoRA, "
+                   "nothing else written) and write it to --log (default data/course_lora_<concept>_rank_sweep.json)")
     real = p.add_argument_group("real SD 1.x mode")
     real.add_argument("--weights", default=None, help="SD 1.x weights: a diffusers folder or one .safetensors/.ckpt")
     real.add_argument("--images", default=None, help="folder of images (.png/.jpg/.jpeg/.webp), each with a "
@@ -281,6 +297,30 @@ def _cli_lora_course(args, argv):
     except ValueError as e:
         raise SystemExit(f"error: --replay: {e}") from None
     n_combos = len(data.concept_combinations(args.concept))
+    sweep_kwargs = dict(batch_size=batch_size, lr=lr, targets=LORA_COURSE["targets"],
+                        only_cross=LORA_COURSE["only_cross"], replay=replay, alpha=args.sweep_alpha)
+    sweep_seeds = None if args.sweep_seeds is None else [int(s) for s in args.sweep_seeds.split(",")]
+    if args.sweep_only:
+        if not args.rank_sweep:
+            raise SystemExit("error: --sweep-only needs --rank-sweep, e.g. --rank-sweep 1,4,16")
+        log_path = Path(args.log) if args.log else paths.DATA_DIR / f"course_lora_{args.concept}_rank_sweep.json"
+        ranks = [int(r) for r in args.rank_sweep.split(",")]
+        c0, t0 = time.process_time(), time.time()
+        rows = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed, seeds=sweep_seeds,
+                               **sweep_kwargs)
+        record = {"command": command, "concept": args.concept, "ranks": ranks,
+                  "seeds": sweep_seeds or [args.seed],
+                  "alpha": args.sweep_alpha if args.sweep_alpha is not None else "rank",
+                  "steps": args.sweep_steps, "batch_size": batch_size, "lr": lr, "replay": replay,
+                  "threads": args.threads,
+                  "note": f"each (rank, seed) trained {args.sweep_steps} steps on the data of seed {args.seed}, "
+                          f"judged on {n_combos} new combinations x 3 sampling seeds and 90 old x 1 "
+                          "(DDIM 25, guidance 4)",
+                  "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
+                  "rank_sweep": rows}
+        log_path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {log_path} ({record['cpu_seconds']:.0f} s CPU)")
+        return 0
     out = Path(args.out) if args.out else paths.DATA_DIR / f"course_lora_{args.concept}.safetensors"
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     unet_path = course_path("unet")
@@ -329,8 +369,7 @@ def _cli_lora_course(args, argv):
         record["rank_sweep_note"] = (f"each rank trained {args.sweep_steps} steps (the main LoRA: {steps}), "
                                      f"judged on {n_combos} new combinations x 3 seeds and 90 old x 1 seed")
         record["rank_sweep"] = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed,
-                                               batch_size=batch_size, lr=lr, targets=LORA_COURSE["targets"],
-                                               only_cross=LORA_COURSE["only_cross"], replay=replay)
+                                               seeds=sweep_seeds, **sweep_kwargs)
     log_path.write_text(json.dumps(record, indent=1))
     print(json.dumps(evaluation, indent=1))
     print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {out} "
