@@ -84,7 +84,7 @@ def main(argv=None):
     from .vae import AutoencoderKL
     p = argparse.ArgumentParser(prog="python -m minisd evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--guidance", default="1.5,2,3,default", help="comma-separated guidance scales; "
-                   "'default' is the model's own (default: 1.5,2,3,default)")
+                   "'default' is the model's own, 'none' generates nothing (default: 1.5,2,3,default)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="one image per combination per seed")
     p.add_argument("--vae", default=None, help="a VAE checkpoint (default: data/course_vae.safetensors)")
     p.add_argument("--unet", default=None, help="a U-Net checkpoint (default: data/course_unet.safetensors)")
@@ -126,7 +126,7 @@ def main(argv=None):
         show("real", row(real, captions, judge))
         show("vae_reconstruction", row(reconstruct(pipe.vae, real), captions, judge))
     captions = prompts * len(seeds)
-    for g in args.guidance.split(","):
+    for g in ([] if args.guidance == "none" else args.guidance.split(",")):
         guidance = pipe.guidance if g == "default" else float(g)
         images = generate(pipe, prompts, seeds, guidance)
         show(f"model_guidance_{guidance:g}", row(images, captions, judge))
