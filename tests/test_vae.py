@@ -129,3 +129,10 @@ def test_committed_course_vae_reconstructs_held_out_images():
     assert z.shape[1:] == (4, 8, 8)
     assert 0.9 <= z.std().item() <= 1.1                      # the seed's rescaling worked
     assert losses.psnr(x, rec).mean().item() >= 28.0
+
+
+def test_saturated_l1_is_one_sided_on_black_and_full_pixels():
+    from minisd.train.vae import saturated_l1
+    x = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.2, 0.2])
+    rec = torch.tensor([-1.5, -0.5, 1.4, 0.7, -0.3, 0.5])
+    assert torch.allclose(saturated_l1(x, rec), torch.tensor([0.0, 0.5, 0.0, 0.3, 0.5, 0.3]))
