@@ -242,7 +242,7 @@ print("nearest neighbour is t - 1 or t + 1 for every t:",
 assert dist.min() > 1.0 and ((nearest - torch.arange(1000)).abs() == 1).all()
 
 # %% [markdown]
-# **Exercise 1.4 (★★, break it and watch)** The trained course U-Net (`minisd.UNet.course()`,
+# **Exercise 1.4 (★★, break it and watch)** The trained course U-Net (`minisd.checkpoint.course_unet()`,
 # chapter 9) was trained with `[cos, sin]`. Feed it `[sin, cos]` instead, without touching
 # `minisd`: wrap its `time_embedding` so that the two halves of its input are swapped. Measure its
 # noise-prediction error $\lVert\hat\epsilon - \epsilon\rVert^2$ on 128 noised course latents
@@ -269,7 +269,7 @@ class SwapHalves(nn.Module):
         return self.inner(torch.cat([e[..., half:], e[..., :half]], dim=-1))
 
 
-vae, text_encoder, unet = minisd.AutoencoderKL.course(), minisd.CLIPTextEncoder.course(), minisd.UNet.course()
+vae, text_encoder, unet = minisd.checkpoint.course_vae(), minisd.checkpoint.course_text_encoder(), minisd.checkpoint.course_unet()
 pictures, captions = data.sample(128, seed=11)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():

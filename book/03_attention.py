@@ -295,7 +295,7 @@ assert head_widths == [40, 80, 160]
 
 # %% [markdown]
 # **Exercise 3.2 (★★, break it and watch)** Drop the $1/\sqrt{d_h}$ in a *trained* model. The
-# course U-Net (`minisd.UNet.course()`, chapter 9) calls `F.scaled_dot_product_attention`, which
+# course U-Net (`minisd.checkpoint.course_unet()`, chapter 9) calls `F.scaled_dot_product_attention`, which
 # takes a `scale=` argument. Temporarily replace that function with one that passes `scale=1.0`,
 # and compare the U-Net's noise-prediction error on 128 noised course latents (course VAE, course
 # text encoder, random $t$) with and without the scale. Restore the function afterwards.
@@ -306,7 +306,7 @@ import torch.nn.functional as F
 from minisd import data
 from minisd.diffusion import add_noise
 
-vae, text_encoder, unet = minisd.AutoencoderKL.course(), minisd.CLIPTextEncoder.course(), minisd.UNet.course()
+vae, text_encoder, unet = minisd.checkpoint.course_vae(), minisd.checkpoint.course_text_encoder(), minisd.checkpoint.course_unet()
 print("course U-Net head widths:", [c // h for c, h in zip(unet.config.block_channels, unet.config.heads)])
 pictures, captions = data.sample(128, seed=11)
 g = torch.Generator().manual_seed(0)

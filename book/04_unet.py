@@ -304,7 +304,7 @@ assert predicted == 1 + sum(len(s) for s in skips_pushed) == decoder_resnets == 
 
 # %% [markdown]
 # **Exercise 4.3 (★★, break it and watch)** How much does the trained course U-Net
-# (`minisd.UNet.course()`, chapter 9) rely on its skip connections? Register forward hooks on its
+# (`minisd.checkpoint.course_unet()`, chapter 9) rely on its skip connections? Register forward hooks on its
 # down blocks that replace every skip tensor they push by zeros (the main path is untouched), and
 # compare its noise-prediction error on 128 noised course latents with the intact model's. For
 # scale, also give it the empty prompt instead of the captions.
@@ -313,7 +313,7 @@ assert predicted == 1 + sum(len(s) for s in skips_pushed) == decoder_resnets == 
 from minisd import data
 from minisd.diffusion import add_noise
 
-vae, text_encoder, unet = minisd.AutoencoderKL.course(), minisd.CLIPTextEncoder.course(), minisd.UNet.course()
+vae, text_encoder, unet = minisd.checkpoint.course_vae(), minisd.checkpoint.course_text_encoder(), minisd.checkpoint.course_unet()
 tok = minisd.CLIPTokenizer.sd15()
 pictures, captions = data.sample(128, seed=11)
 g = torch.Generator().manual_seed(0)

@@ -64,7 +64,7 @@ torch.set_num_threads(1)   # on a busy 2-core machine one thread per process run
 images, captions = data.sample(4, seed=0)
 x = data.to_tensor(images)
 print("a batch of course images:", tuple(x.shape), "in [-1, 1]")
-course_vae = AutoencoderKL.course()
+course_vae = checkpoint.course_vae()
 with torch.no_grad():
     latent = course_vae.encode(x).mode()                    # E(x)
     reconstruction = course_vae.decode(latent)              # D(E(x))
@@ -509,5 +509,5 @@ assert 1 <= perplexity <= int((freq > 0).sum()) <= 64
 # `PerceptualLoss` (on `RandomFeatures` here, VGG + LPIPS weights in the real thing),
 # `PatchDiscriminator` with `hinge_d_loss` and `generator_adv_loss`, `kl_loss` and
 # `VectorQuantizer`; short runs of `minisd.train.train_vae_model` showing what each term does;
-# and the committed course VAE (`AutoencoderKL.course()`). Chapter 7 turns to the text side:
+# and the committed course VAE (`checkpoint.course_vae()`). Chapter 7 turns to the text side:
 # the tokenizer and CLIP's text encoder.

@@ -372,7 +372,7 @@ assert first_changed == list(range(1, len(base_words) + 1))
 
 # %% [markdown]
 # **Exercise 7.3 (★★, break it and watch)** CLIP reads a caption at its first `<|endoftext|>`.
-# Read the trained course CLIP (`minisd.clip.CLIP.course()`, chapter 8) somewhere else: at
+# Read the trained course CLIP (`minisd.checkpoint.course_clip()`, chapter 8) somewhere else: at
 # `<start>` (position 0), at the colour word's last token and at the shape word (careful: the
 # colour can be more than one token, exercise 7.1).
 # Project each with `text_projection`, classify 300 course images zero-shot among the 90
@@ -383,7 +383,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from minisd.clip import CLIP  # noqa: E402
 
-course_clip = CLIP.course()
+course_clip = minisd.checkpoint.course_clip()
 test_images, test_captions = minisd.data.sample(300, seed=1000, exclude=minisd.data.HELD_OUT)
 candidates = [minisd.data.caption(*c) for c in minisd.data.combinations()]
 cand_ids = tok(candidates)

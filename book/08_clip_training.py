@@ -142,7 +142,7 @@ train_combos = [c for c in data.combinations() if c not in data.HELD_OUT]
 pick = np.random.default_rng(0).choice(len(train_combos), 64, replace=False)
 batch_images = np.stack([data.render(*train_combos[k], rng=np.random.default_rng(100 + i)) for i, k in enumerate(pick)])
 batch_captions = [data.caption(*train_combos[k]) for k in pick]
-trained_clip = CLIP.course()
+trained_clip = minisd.checkpoint.course_clip()
 bound = {}
 with torch.no_grad():
     for name, m in (("untrained", model), ("course CLIP", trained_clip)):

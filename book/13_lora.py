@@ -329,7 +329,7 @@ print(f"after {len(demo_log['loss'])} steps: largest change of any base weight =
 # %%
 from minisd.diffusion import training_loss
 
-trained_unet = lora.load(minisd.UNet.course(), DATA_DIR / "course_lora_bar.safetensors")
+trained_unet = lora.load(minisd.checkpoint.course_unet(), DATA_DIR / "course_lora_bar.safetensors")
 trained_layers = {n: m for n, m in trained_unet.named_modules() if isinstance(m, lora.LoRALinear)}
 tail = []                                    # sigma_5 / sigma_1 of each trained Delta W
 for m in trained_layers.values():
@@ -339,7 +339,7 @@ print(f"{len(trained_layers)} trained layers, rank {m.rank}: largest sigma_5 / s
       f"(zero up to float32 rounding)")
 assert max(tail) < 1e-6
 
-fresh = minisd.UNet.course().requires_grad_(False)
+fresh = minisd.checkpoint.course_unet().requires_grad_(False)
 lora.inject(fresh, rank=4, only_cross=True)
 fresh_layers = [m for m in fresh.modules() if isinstance(m, lora.LoRALinear)]
 images, captions = data.sample(16, seed=0)
@@ -593,7 +593,7 @@ print(f"minisd vs diffusers, same LoRA file: max |diff| = {(a - b).abs().max():.
 def first_step_size(rank, alpha):
     """||Delta W||_F over all LoRA layers of a fresh course U-Net after one AdamW step at lr 1e-2."""
     torch.manual_seed(0)
-    unet = minisd.UNet.course().requires_grad_(False)
+    unet = minisd.checkpoint.course_unet().requires_grad_(False)
     lora.inject(unet, rank, None if alpha == "d" else alpha, only_cross=True)    # None: alpha = rank
     step_opt = torch.optim.AdamW(lora.trainable_parameters(unet), lr=1e-2, weight_decay=0.0)
     training_loss(unet, x0, context, generator=torch.Generator().manual_seed(0)).backward()
@@ -728,7 +728,7 @@ assert (break_even(320, 320), break_even(320, 768)) == (160, 226)   # half the w
 
 # %% tags=["solution", "hide-cell"]
 torch.manual_seed(0)
-broken = minisd.UNet.course().requires_grad_(False)
+broken = minisd.checkpoint.course_unet().requires_grad_(False)
 lora.inject(broken, rank=4, only_cross=True)
 broken_layers = [m for m in broken.modules() if isinstance(m, lora.LoRALinear)]
 with torch.no_grad():

@@ -10,6 +10,7 @@ commands:
   generate PROMPT ...        text to image (the course model by default)
   benchmark ...              ours vs diffusers, side by side, on the same weights
   train vae|clip|unet|lora   reproduce a checkpoint in data/
+  evaluate ...               the course model judged from pixels: shape fidelity, background
 
 `python -m minisd COMMAND --help` shows a command's options."""
 
@@ -24,6 +25,8 @@ def main(argv=None):
         from .benchmark import main as run
     elif command == "train":
         from .train import main as run
+    elif command == "evaluate":
+        from .evaluate import main as run
     elif command == "generate":
         from .pipeline import main as run
     else:

@@ -369,3 +369,286 @@ def train_judge(n=10_000, steps=600, batch=128, seed=0, path=None, progress=True
     if path is not None:
         judge.save(path)
     return judge
+
+
+# --- shape fidelity, background cleanliness and the pixel judge (issue 16) --------------------
+# Not learned: every course image is drawn by data._shape_mask at a known centre and size, so a
+# generated image can be compared with the ideal drawing of its shape at the centre and size that
+# fit it best. Definitions (all on uint8 (H, W, 3) images):
+#   brightness  L = brightest channel / 255 (on a real course image: exactly the anti-aliased
+#               coverage of each pixel, rounded to 1/255)
+#   soft mask   m = ramp(L) = clip((L - 0.25) / 0.5, 0, 1): 0 below 64/255 (a faint haze is not
+#               foreground), 1 above 191/255 (a slightly dim shape still counts in full)
+#   ideal       d(shape, cx, cy, r) = ramp(coverage), the coverage drawn by the data's own code
+#               (4x4 supersampling, data._shape_mask) at centre (cx, cy) px and half-width r px
+#   fidelity    soft IoU(m, d) = sum min(m, d) / sum max(m, d), maximised over (cx, cy, r) by a
+#               pattern search from the moments of m (down to 1/32 px and 0.3 % of r; see fit_shape); with the
+#               shape the caption asks for, this is `fidelity`; over data.SHAPES, the best one is
+#               the pixel judge's shape
+#   background  pixels farther than 2 px (Chebyshev) from every pixel the fitted ideal shape
+#               touches (coverage > 0); `background` = their mean brightness L, and `corners` =
+#               the mean L of the four corner pixels, both in units of 1/255 (0 on real images)
+# An image whose mask holds less than FIDELITY_MIN_MASS pixels of mass is blank: fidelity 0,
+# shape/colour/position None, background measured over the whole image.
+RAMP = (0.25, 0.75)
+FIDELITY_MIN_MASS = 4.0
+BACKGROUND_MARGIN = 2
+HUES = {"red": 0.0, "orange": 30.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0,
+        "magenta": 300.0}  # hue in degrees of each course colour's RGB (data.COLOURS, data.NEW_COLOURS)
+
+
+def soft_mask(images):
+    """uint8 images (N, H, W, 3) or one (H, W, 3) -> the soft foreground mask m in [0, 1], float64."""
+    return _ramp(brightness(images))
+
+
+def _ramp(x):
+    lo, hi = RAMP
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+_GRIDS = {}
+
+
+def _ideal_cover(shape, cx, cy, r, size):
+    """The data's own anti-aliased coverage (size, size) of `shape` at (cx, cy), half-width r (px)."""
+    if size not in _GRIDS:
+        _GRIDS[size] = _data._grid(size)
+    xs, ys = _GRIDS[size]
+    s = _data.SUPERSAMPLE
+    mask = _data._shape_mask(shape, cx, cy, r, xs, ys)
+    return mask.reshape(size, s, size, s).mean(axis=(1, 3))
+
+
+def _signed_distance(shape, cx, cy, r, xs, ys):
+    """Signed distance (px; < 0 inside) from the points (xs, ys) to the outline data._shape_mask
+    draws (exact on straight sides, approximate at corners)."""
+    dx, dy = np.abs(xs - cx), ys - cy
+    if shape == "circle":
+        return np.sqrt(dx ** 2 + dy ** 2) - r
+    if shape == "square":
+        h = r * 0.886
+        return np.maximum(dx - h, np.abs(dy) - h)
+    if shape == "triangle":
+        R = 1.2 * r
+        height, half = 1.5 * R, R * np.sqrt(3) / 2
+        top = cy - 0.75 * R
+        slant = (dx - half * (ys - top) / height) / np.sqrt(1 + (half / height) ** 2)
+        return np.maximum(np.maximum(ys - (top + height), top - ys), slant)
+    if shape == "bar":
+        return np.maximum(dx - 1.25 * r, np.abs(dy) - 0.62 * r)
+    if shape == "plus":
+        arm, bar = 1.1 * r, 0.38 * r
+        return np.minimum(np.maximum(dx - arm, np.abs(dy) - bar), np.maximum(dx - bar, np.abs(dy) - arm))
+    if shape == "ring":
+        d = np.sqrt(dx ** 2 + dy ** 2)
+        return np.maximum(d - 1.1 * r, 0.55 * r - d)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {_data.SHAPES + _data.NEW_SHAPES}")
+
+
+def _smooth_cover(shape, cx, cy, r, size):
+    """A coverage that moves smoothly with (cx, cy, r): clip(0.5 - signed distance, 0, 1) at each
+    pixel centre (the fit's first, coarse stage; the data's 4x supersampled drawing is flat
+    between its sample points)."""
+    coords = np.arange(size) + 0.5
+    xs, ys = np.meshgrid(coords, coords)
+    return np.clip(0.5 - _signed_distance(shape, cx, cy, r, xs, ys), 0.0, 1.0)
+
+
+_MOMENTS = {}
+
+
+def _shape_moments(shape):
+    """(area / r^2, centroid offset (dx, dy) / r) of a shape's ideal mask, measured once on a fine grid."""
+    if shape not in _MOMENTS:
+        n, r = 512, 100.0
+        coords = np.arange(n) + 0.5
+        xs, ys = np.meshgrid(coords, coords)
+        mask = _data._shape_mask(shape, n / 2, n / 2, r, xs, ys)
+        area = mask.sum()
+        _MOMENTS[shape] = (area / r ** 2, ((xs[mask].mean() - n / 2) / r, (ys[mask].mean() - n / 2) / r))
+    return _MOMENTS[shape]
+
+
+def _soft_iou(m, d):
+    return float(np.minimum(m, d).sum() / max(np.maximum(m, d).sum(), 1e-12))
+
+
+def brightness(images):
+    """uint8 images (..., H, W, 3) -> L = brightest channel / 255, float64 in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB images (..., H, W, 3), got {images.dtype} {images.shape}; "
+                         "convert float tensors in [-1, 1] with minisd.data.to_uint8")
+    return images.max(axis=-1).astype(np.float64) / 255
+
+
+def _pattern_search(score, p, steps, smallest):
+    """Maximise score(p) over 3 parameters: take the first of the 26 moves (one, two or three
+    parameters at once, one step each) that raises it; halve the steps when none does."""
+    best = score(p)
+    moves = [np.array(d, dtype=float) - 1 for d in np.ndindex(3, 3, 3)]
+    moves = sorted((d for d in moves if d.any()), key=lambda d: np.abs(d).sum())  # axes first
+    steps = np.asarray(steps, dtype=float)
+    while steps[0] >= smallest:
+        for d in moves:
+            q = p + d * steps
+            s = score(q)
+            if s > best + 1e-9:
+                p, best = q, s
+                break
+        else:
+            steps = steps / 2
+    return best, p
+
+
+def fit_shape(light, shape):
+    """Fit the ideal `shape` to a brightness map `light` (H, W) in [0, 1] (see `brightness`):
+    returns (fidelity, (cx, cy, r)), or (0.0, None) on a blank image.
+
+    Two pattern searches over (cx, cy, log r) (`_pattern_search`): the first maximises the soft
+    IoU of the raw brightness with a smooth coverage of the shape (`_smooth_cover`, from its
+    signed distance), from the moments of the soft mask (mass -> r, centroid -> centre), steps
+    from 1 px and 10 % of r down to 1/32 px; the second refines it on the quantity reported, the
+    soft IoU of the ramped masks (`soft_mask`, RAMP) with the data's own drawing, steps from 1/8
+    px and 1.25 % of r. (The data's 4x supersampled drawing, and more so its ramp, is flat while
+    an edge moves between sample points: a search on it alone stalls far from the optimum.)"""
+    light = np.asarray(light, dtype=np.float64)
+    size = light.shape[0]
+    if light.shape != (size, size):
+        raise ValueError(f"expected a square brightness map (H, W), got {light.shape}")
+    mask = _ramp(light)
+    mass = mask.sum()
+    if mass < FIDELITY_MIN_MASS:
+        return 0.0, None
+    area, (ox, oy) = _shape_moments(shape)
+    coords = np.arange(size) + 0.5
+    mx, my = (mask.sum(axis=0) * coords).sum() / mass, (mask.sum(axis=1) * coords).sum() / mass
+    r = float(np.sqrt(mass / area))
+    p = np.array([mx - ox * r, my - oy * r, np.log(r)])
+    _, p = _pattern_search(lambda q: _soft_iou(light, _smooth_cover(shape, q[0], q[1], np.exp(q[2]), size)),
+                           p, [1.0, 1.0, 0.1], 1 / 32)
+    best, p = _pattern_search(
+        lambda q: _soft_iou(mask, _ramp(_ideal_cover(shape, q[0], q[1], np.exp(q[2]), size))),
+        p, [0.125, 0.125, 0.0125], 1 / 32)
+    return best, (float(p[0]), float(p[1]), float(np.exp(p[2])))
+
+
+def background_figures(image, shape=None, fit=None):
+    """(background, corners) of one uint8 image (H, W, 3), in units of 1/255: the mean brightness
+    (brightest channel) of the pixels more than BACKGROUND_MARGIN px from every pixel the fitted
+    ideal shape touches, and the mean brightness of the four corner pixels. Without a fit
+    (a blank image) the background is the whole image."""
+    light = np.asarray(image).max(axis=-1).astype(np.float64)   # 0..255
+    size = light.shape[0]
+    if fit is None:
+        far = np.ones_like(light, dtype=bool)
+    else:
+        touched = _ideal_cover(shape, *fit, size) > 0
+        k = BACKGROUND_MARGIN
+        padded = np.pad(touched, k)
+        near = np.zeros_like(touched)
+        for dy in range(2 * k + 1):        # dilation by a (2k+1) x (2k+1) square
+            for dx in range(2 * k + 1):
+                near |= padded[dy:dy + size, dx:dx + size]
+        far = ~near
+    corners = light[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
+    return float(light[far].mean()) if far.any() else 0.0, float(corners)
+
+
+def _hue(rgb):
+    """Hue in degrees (N,) of float RGB rows (N, 3)."""
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    return np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+
+
+def pixel_judge(images, shapes=None, colours=None):
+    """The pixel judge, written from its definition (not learned; independent of `Judge`): for
+    each uint8 image (N, H, W, 3) a dict with
+    - colour: the course colour whose hue (HUES) is nearest the mean hue of the foreground (the
+      circular mean of each pixel's hue, weighted by its soft mask m times its saturation);
+    - position: the data.POSITIONS centre nearest the centroid of m;
+    - shape: the shape of `shapes` (default data.SHAPES) whose fitted ideal has the highest soft
+      IoU with m (`fit_shape`); `ious` holds each shape's IoU and `fits` each fit (cx, cy, r);
+    a blank image (mass of m < FIDELITY_MIN_MASS) gets None for all three.
+    `colours` (default data.COLOURS) are the names the colour is chosen from."""
+    shapes = tuple(_data.SHAPES if shapes is None else shapes)
+    colours = tuple(_data.COLOURS if colours is None else colours)
+    images = np.asarray(images)
+    masks = soft_mask(images)
+    out = []
+    for image, m in zip(images, masks):
+        size = m.shape[0]
+        mass = m.sum()
+        if mass < FIDELITY_MIN_MASS:
+            out.append({"colour": None, "shape": None, "position": None, "ious": {}, "fits": {}})
+            continue
+        rgb = image.reshape(-1, 3).astype(np.float64) / 255
+        w = m.reshape(-1) * (rgb.max(1) - rgb.min(1))                  # mask x saturation
+        h = np.radians(_hue(rgb))
+        mean_hue = np.degrees(np.arctan2((w * np.sin(h)).sum(), (w * np.cos(h)).sum())) % 360
+        dist = {c: min(abs(mean_hue - HUES[c]), 360 - abs(mean_hue - HUES[c])) for c in colours}
+        coords = np.arange(size) + 0.5
+        cx, cy = (m.sum(0) * coords).sum() / mass, (m.sum(1) * coords).sum() / mass
+        position = min(_data.POSITIONS, key=lambda p: (_data.POSITIONS[p][0] * size - cx) ** 2
+                       + (_data.POSITIONS[p][1] * size - cy) ** 2)
+        light = image.max(axis=-1).astype(np.float64) / 255
+        fits = {s: fit_shape(light, s) for s in shapes}
+        out.append({"colour": min(dist, key=dist.get), "shape": max(fits, key=lambda s: fits[s][0]),
+                    "position": position, "ious": {s: f[0] for s, f in fits.items()},
+                    "fits": {s: f[1] for s, f in fits.items()}})
+    return out
+
+
+def fidelity(images, captions, shapes=None, colours=None):
+    """Per image: the pixel judge's reading against the caption, the fidelity (soft IoU with the
+    caption's own shape, fitted) and the background figures. Returns a dict of arrays (N,):
+    colour, shape, position (bool: judged right), fidelity (float), background, corners (1/255)."""
+    truth = [_data.parse(c, new=True) for c in captions]
+    if len(truth) != len(images):
+        raise ValueError(f"{len(images)} images but {len(truth)} captions")
+    shapes = tuple(_data.SHAPES if shapes is None else shapes)
+    images = np.asarray(images)
+    judged = pixel_judge(images, shapes, colours)
+    out = {k: [] for k in ("colour", "shape", "position", "fidelity", "background", "corners")}
+    for image, j, (colour, shape, position) in zip(images, judged, truth):
+        if shape in j["ious"]:
+            iou, fit = j["ious"][shape], j["fits"][shape]
+        else:
+            iou, fit = fit_shape(brightness(image), shape)
+        bg, corners = background_figures(image, shape, fit)
+        for k, v in (("colour", j["colour"] == colour), ("shape", j["shape"] == shape),
+                     ("position", j["position"] == position), ("fidelity", iou), ("background", bg),
+                     ("corners", corners)):
+            out[k].append(v)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def wilson_interval(successes, n, z=1.96):
+    """The Wilson score interval (lo, hi) of a proportion successes / n (95 % for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
+def mean_interval(values, z=1.96):
+    """(mean, lo, hi): the mean and its normal-approximation 95 % interval, mean -+ z s / sqrt(n)."""
+    v = np.asarray(values, dtype=np.float64)
+    half = z * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def summarise_fidelity(per_image):
+    """`fidelity`'s per-image dict -> the table row: each rate with its Wilson interval, each mean
+    with its normal interval, and n."""
+    n = len(per_image["fidelity"])
+    row = {"n": n}
+    for k in ("colour", "shape", "position"):
+        s = int(per_image[k].sum())
+        row[k] = [s / n, *wilson_interval(s, n)]
+    for k in ("fidelity", "background", "corners"):
+        row[k] = list(mean_interval(per_image[k]))
+    return row

@@ -146,3 +146,26 @@ def test_guided_sampling_gives_latents_of_the_unet_size():
     b = train.sample_course_latents(unet, contexts[1:2], contexts[2:], steps=3, guidance=0.0)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(x[0], x[1])
+
+
+def test_min_snr_loss_with_a_huge_gamma_is_the_plain_loss():
+    from minisd.diffusion import training_loss
+    from minisd.train.unet import min_snr_loss
+    unet = tiny_unet()
+    x0, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 77, D)
+    with torch.no_grad():
+        plain = training_loss(unet, x0, ctx, generator=torch.Generator().manual_seed(3))
+        same = min_snr_loss(unet, x0, ctx, 1e9, torch.Generator().manual_seed(3))
+        low = min_snr_loss(unet, x0, ctx, 1.0, torch.Generator().manual_seed(3))
+    assert torch.allclose(plain, same, rtol=1e-5)
+    assert low < plain   # the weights min(SNR, gamma) / SNR are <= 1, < 1 where SNR > gamma
+
+
+def test_min_snr_and_clipped_training_runs():
+    latents = torch.randn(16, 4, 8, 8)
+    labels = torch.randint(0, 91, (16,))
+    prompts = train.unet.course_prompts()
+    contexts = torch.randn(91, 77, D)
+    unet, ema, log = train.unet.train_unet_model(tiny_unet(), latents, labels, contexts, prompts, steps=3,
+                                                 batch_size=4, min_snr=5.0, clip_grad=1.0, progress=False)
+    assert len(log["loss"]) == 3 and all(v == v for v in log["loss"])

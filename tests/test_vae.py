@@ -141,3 +141,10 @@ def test_posterior_sample_with_a_cpu_generator_on_cuda():
     on_gpu = DiagonalGaussian(moments.cuda()).sample(torch.Generator().manual_seed(1))
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+
+
+def test_saturated_l1_is_one_sided_on_black_and_full_pixels():
+    from minisd.train.vae import saturated_l1
+    x = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.2, 0.2])
+    rec = torch.tensor([-1.5, -0.5, 1.4, 0.7, -0.3, 0.5])
+    assert torch.allclose(saturated_l1(x, rec), torch.tensor([0.0, 0.5, 0.0, 0.3, 0.5, 0.3]))

@@ -5,7 +5,7 @@ import math
 def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_weight=1.0, fg_boost=4.0,
                     perceptual_weight=0.5, kl_weight=1e-6, disc_start=None, disc_weight=0.5,
                     vq_codes=None, logvar_init=-6.0, n_train=20000, log_every=25, progress=True,
-                    images=None, eval_images=None):
+                    images=None, eval_images=None, saturate=False):
     """Train an AutoencoderKL on course images with chapter 6's objective; returns (model, log).
 
     Per step: l1_weight * L1 (shape pixels weighted 1 + fg_boost) + perceptual_weight * LPIPS-form
@@ -14,6 +14,11 @@ def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_
     `vq_codes` the latents go through a VectorQuantizer instead of being sampled (no KL).
     `log` holds each term's value every `log_every` steps and the held-out PSNR, and
     `log["discriminator"]` the PatchGAN, `log["quantizer"]` the VectorQuantizer (or None).
+    With `saturate` the L1 term is one-sided where the target is saturated (black -1 or full
+    +1): an output below -1 on the black background (above +1 on a full pixel) costs nothing,
+    since every image is clamped to [-1, 1] when shown, so the decoder may overshoot there instead
+    of hovering around -1 (issue 16: the haze and the corner pixels); the perceptual term then
+    compares the clamped output.
     """
     import torch
     from tqdm import tqdm
@@ -57,8 +62,13 @@ def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_
         else:
             z, reg = post.sample(gen), losses.kl_loss(post)
         rec = model.decode(z)
-        l1 = losses.l1_loss(x, rec, losses.foreground_weight(x, fg_boost)).mean()
-        p = perceptual(x, rec).mean() if perceptual is not None else torch.zeros(())
+        if saturate:
+            l1 = (saturated_l1(x, rec) * losses.foreground_weight(x, fg_boost)).mean()
+            shown = rec.clamp(-1, 1)
+        else:
+            l1 = losses.l1_loss(x, rec, losses.foreground_weight(x, fg_boost)).mean()
+            shown = rec
+        p = perceptual(x, shown).mean() if perceptual is not None else torch.zeros(())
         nll = l1_weight * l1 + perceptual_weight * p
         loss = nll + (reg if vq is not None else kl_weight * reg)
         g = d = torch.zeros(())
@@ -89,6 +99,15 @@ def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_
     log["discriminator"] = disc.eval() if disc is not None else None
     log["quantizer"] = vq
     return model, log
+
+
+def saturated_l1(x, rec, eps=1e-3):
+    """|x - rec| per element, except one-sided where x is saturated: relu(rec - x) where x = -1
+    (black) and relu(x - rec) where x = +1; what lies beyond is clamped away when shown."""
+    import torch
+    err = (x - rec).abs()
+    err = torch.where(x <= -1 + eps, (rec - x).clamp(min=0), err)
+    return torch.where(x >= 1 - eps, (x - rec).clamp(min=0), err)
 
 
 def held_out_images(n=256, seed=1):
@@ -159,6 +178,9 @@ def cli_vae(argv):
                    help="step at which the PatchGAN term starts (default: 3/4 of --steps)")
     p.add_argument("--out", default=None, help="checkpoint path (default data/course_vae.safetensors; "
                    "with --sweep, data/vae_fc_sweep.json)")
+    p.add_argument("--fg-boost", type=float, default=4.0, help="extra L1 weight of shape pixels (default 4)")
+    p.add_argument("--saturate", action="store_true",
+                   help="one-sided L1 on black/full target pixels (the decoder may overshoot what is clamped)")
     p.add_argument("--sweep", action="store_true", help="the f/c table instead: PSNR vs f and c, equal budgets")
     p.add_argument("--sweep-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1,
@@ -180,7 +202,8 @@ def cli_vae(argv):
     disc_start = args.disc_start if args.disc_start is not None else args.steps * 3 // 4
     t0, c0 = time.time(), time.process_time()
     model, log = train_vae_model(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                 disc_start=disc_start, log_every=100)
+                                 disc_start=disc_start, log_every=100, fg_boost=args.fg_boost,
+                                 saturate=args.saturate)
     wall, cpu = time.time() - t0, time.process_time() - c0
     for i in range(0, len(log["step"]), max(len(log["step"]) // 12, 1)):
         print(f"step {log['step'][i]:5d}  l1 {log['l1'][i]:.4f}  perceptual {log['perceptual'][i]:.4f}  "
