@@ -116,7 +116,7 @@ for name, model in theirs.items():
 #
 # The shapes of one 512x512 generation, computed by running the three meta-device models on
 # meta tensors (shape inference: no arithmetic is done). Classifier-free guidance runs the
-# The {term}`classifier-free guidance` of Ho & Salimans {cite}`ho2022cfg` ( this book dates it by its
+# The {term}`classifier-free guidance` of Ho & Salimans {cite}`ho2022cfg` (this book dates it by its
 # arXiv paper, 2022; it was first shown at a NeurIPS 2021 workshop) runs the U-Net on a batch of two,
 # the prompt and an empty prompt, and mixes the two noise predictions
 # $\hat\epsilon = \epsilon_\varnothing + s\,(\epsilon_c - \epsilon_\varnothing)$ with $s = 7.5$

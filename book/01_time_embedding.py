@@ -200,7 +200,8 @@ assert d_emb < 1e-5 and d_mlp < 1e-5
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 1.1 (★)** Why does the right panel above divide by 160? Show that every
 # $e(t)$, $t = 0, \dots, 999$, has squared norm exactly $h = d/2$, and explain it in one line
 # from the formula.

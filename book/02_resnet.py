@@ -234,7 +234,8 @@ with torch.no_grad():
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 2.1 (★)** Feed a 33×33 map to the U-Net's `Downsample` and to the VAE's
 # (`asymmetric=True`). What sizes come out, and why do they differ? (Use
 # $\lfloor (n + p_\text{total} - 3)/2 \rfloor + 1$.) Does the VAE's still read the last input row?

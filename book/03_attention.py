@@ -275,7 +275,8 @@ with torch.no_grad():
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 3.1 (★)** SD 1.5's U-Net has 8 heads at every attention level. What is the head
 # width $d_h$ at each of its three attention levels, and by how much does $1/\sqrt{d_h}$ shrink the
 # logits there? Read it from the module built at SD 1.5's config (meta device).

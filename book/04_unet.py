@@ -269,7 +269,8 @@ assert d < 1e-4
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 4.1 (★)** Where do SD 1.5's 859.5M U-Net parameters live by *kind* of module? Sum the
 # parameters of all `SpatialTransformer`s, all `ResNetBlock`s, all `Downsample`/`Upsample`s and the
 # rest (time embedding, `conv_in`, `out`), on the meta-device model `sd15`.

@@ -369,7 +369,8 @@ assert max(d_mean, d_logvar, d_dec) < 1e-4
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 5.1 (★)** The encoder's output for one latent number has $\mu = 0.2$ and
 # $\log\sigma^2 = -6$ (the course VAE's starting point). Compute its KL to $\mathcal N(0,1)$ by hand,
 # then with `DiagonalGaussian`. Which of the three parts, $\mu^2$, $\sigma^2-1$ or $-\log\sigma^2$,

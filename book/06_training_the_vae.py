@@ -435,7 +435,8 @@ plt.show()
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 6.1 (★)** With a shape share of $p$ (measured on 1,000 course images above), which
 # boost $b$ would make the shape pixels carry exactly half of the weighted loss (for equal
 # per-pixel errors)? Check your $b$ with `losses.foreground_weight`.

@@ -333,7 +333,8 @@ assert torch.equal(mine, hf)
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 7.1 (★)** Account for the vocabulary: 256 byte characters, the same 256 with
 # `</w>`, one token per merge, and two special tokens. Check the sum against `tok.vocab_size`.
 # Then: which words of the 90 course captions are *not* a single token?

@@ -357,7 +357,8 @@ assert d < 1e-5 and d_loss < 1e-5
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 8.1 (★)** Show that logits that are all equal give $\mathcal L = \ln N$ exactly. Then
 # take a CLIP whose matched cosines are all 1 and unmatched all 0, at the course CLIP's learned
 # scale $e^t$: what is its loss for $N = 64$ (by formula, $\ln(1 + (N-1)e^{-e^t})$, and by

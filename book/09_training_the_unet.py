@@ -552,7 +552,8 @@ print(f"add_noise: ours == diffusers, max |diff| = {d:.1e}")
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 9.1 (★)** At which step $t$ do signal and noise carry equal variance
 # ($\mathrm{SNR}(t) = 1$, i.e. $\bar\alpha_t = \tfrac12$) in SD's scaled-linear schedule, and in DDPM's
 # linear one? Which schedule spends more of its 1000 steps on the noisy half?

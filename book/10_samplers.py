@@ -904,7 +904,8 @@ for name in NAMES:
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 10.1 (★★)** diffusers' `timestep_spacing="trailing"` counts the steps back from
 # $t = 999$ instead of up from 0: for 10 steps, $999, 899, \dots, 99$. Give `minisd`'s DDIM these
 # timesteps (set `.timesteps` after `set_timesteps(10)`; its step size stays 100) and measure its
@@ -950,15 +951,20 @@ assert spread[999].std(0).mean() < 0.1 and gap < 0.05
 # %% [markdown]
 # **Exercise 10.3 (★★★, break it and watch)** A sampler must use the noise schedule the U-Net
 # was trained with: the U-Net only sees $t$, the sampler turns $t$ into $\bar\alpha_t$. Build DDIM
-# on DDPM's linear schedule instead, `DDIM(NoiseSchedule.ddpm())`, run the course model with it
+# on DDPM's linear schedule instead (SD 1.5's scheduler file with DDPM's betas:
+# `replace(SchedulerConfig.sd15(), beta_schedule="linear", beta_start=1e-4, beta_end=0.02)`), run the course model with it
 # (10 steps, guidance 4, the 15 sweep prompts; the pipeline takes a sampler object) and judge
 # the images against 10-step DDIM on the right schedule from "Steps vs quality". What happens
 # to the images' brightness, and why?
 
 # %% tags=["solution", "hide-cell"]
-from minisd.diffusion import NoiseSchedule  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
-wrong_images = to_uint8(pipe(prompts, steps=10, guidance=4.0, scheduler=DDIM(NoiseSchedule.ddpm()), seed=0,
+from minisd.diffusion import NoiseSchedule  # noqa: E402
+from minisd.schedulers import SchedulerConfig  # noqa: E402
+
+ddpm_betas = replace(SchedulerConfig.sd15(), beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+wrong_images = to_uint8(pipe(prompts, steps=10, guidance=4.0, scheduler=DDIM(ddpm_betas), seed=0,
                              output_type="np", progress=False))
 wrong_acc = judge.accuracy(wrong_images, prompts)
 print("right schedule (SD's):   " + "  ".join(f"{k} {v:6.1%}" for k, v in step_acc["ddim", 10].items()))

@@ -683,7 +683,8 @@ print(f"whole pipeline, {steps} DDIM steps: max |diff| = {np.abs(ours - theirs).
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 11.1 (★)** Show from the guidance formula that $s = 1$ is the conditional model
 # alone, then check it with numbers: run the chapter's by-hand loop (two U-Net passes per step,
 # the formula at $s = 1$) from `x_T`, and compare with `pipe(prompt, guidance=1.0, ...)`, which

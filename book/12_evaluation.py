@@ -535,7 +535,8 @@ for n in [400, 50]:
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 12.1 (★)** Add the same vector $c$ to every generated feature vector. Which term of
 # FID changes, and by how much? Predict it from the formula, then check it on `f_real`,
 # `f_gen` with $c$ = 0.1 times the first real feature vector.

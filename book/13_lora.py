@@ -699,7 +699,8 @@ plt.show()
 
 # %% [markdown]
 # ## Exercises
-#
+
+# %% [markdown]
 # **Exercise 13.1 (★)** A rank-$d$ LoRA on an $n \times m$ weight stores $d(n+m)$ numbers
 # against the weight's $nm$. At which rank does a LoRA stop being smaller than the full
 # matrix, for SD 1.5's first cross-attention `to_q` ($320 \times 320$) and `to_k`

@@ -26,6 +26,7 @@
 
 # %%
 import ast
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -194,36 +195,24 @@ print(f"{len(CYCLE_EDGES)} of the {n_edges} edges lie on a cycle")
 # ## The floors
 #
 # The package is meant to be a building of five floors, each importing only from the
-# floors below it: the **building blocks** (layers, the noise schedule, the tokenizer, the
-# losses, the course data), the **models** made of them (U-Net, VAE, CLIP, the samplers),
-# **weights and files** (reading and writing every checkpoint format), the **pipeline** and
-# what works on whole models (LoRA, the metrics), and on top the **trainers and the command
-# line**. A module the table below does not name yet (a new chapter's) goes on the highest
-# floor among the modules it imports, so the figure needs no edit when the package grows.
+# floors below it: the **building blocks** (paths, the course data, layers, the noise
+# schedule and the samplers, the tokenizer, the losses), the **models** made of them (U-Net,
+# VAE, CLIP, and the metrics' judge networks), **weights and files** (every checkpoint
+# format, the course checkpoints, LoRA files), the **pipeline**, and on top the **trainers,
+# the evaluation and benchmark commands and the command line**. Which module lives on which
+# floor is written once, in `scripts/module_graph.py` (`LAYERS`), the tool that
+# `tests/test_architecture.py` runs to fail the tests when an import goes up a floor or a
+# cycle appears. This page reads the same table, and checks that the tool's own reading of
+# the imports agrees with the one built above.
 
 # %%
-FLOORS = ["building blocks", "models", "weights / IO", "pipeline", "trainers / CLI"]
-PLACED = {
-    "building blocks": ["data", "paths", "embeddings", "resnet", "attention", "diffusion", "tokenizer", "losses"],
-    "models": ["unet", "vae", "clip", "schedulers", "controlnet"],
-    "weights / IO": ["weights"],
-    "pipeline": ["pipeline", "lora", "metrics", "textual_inversion"],
-    "trainers / CLI": ["benchmark", "__main__", "train"],
-}
-FLOOR_OF = {f"minisd.{m}": FLOORS.index(f) for f, ms in PLACED.items() for m in ms}
-FLOOR_OF["minisd"] = FLOORS.index("trainers / CLI")  # the package's __init__ re-exports every floor
+sys.path.insert(0, str(SOURCE.parent / "scripts"))
+from module_graph import LAYERS, import_graph  # noqa: E402
 
-
-def floor(name, seen=()):
-    if name in FLOOR_OF:
-        return FLOOR_OF[name]
-    if name.rpartition(".")[0] in FLOOR_OF and name.startswith("minisd.train"):
-        return FLOOR_OF["minisd.train"]
-    deps = [d for d in GRAPH[name] if d not in seen and d != "minisd"]
-    return max((floor(d, seen + (name,)) for d in deps), default=0)
-
-
-FLOOR = {name: floor(name) for name in GRAPH}
+FLOORS = [title for title, _ in LAYERS]
+assert {a: set(b) for a, b in GRAPH.items()} == import_graph(SOURCE), "two readings of the imports disagree"
+print("scripts/module_graph.py reads the same", n_edges, "edges")
+FLOOR = {name: next(i for i, (_, members) in enumerate(LAYERS) if name in members) for name in GRAPH}
 UPWARD = sorted((a, b) for a in GRAPH for b in GRAPH[a] if FLOOR[b] > FLOOR[a])
 for i, title in enumerate(FLOORS):
     print(f"floor {i} {title:16}: {', '.join(short(m) for m in sorted(GRAPH) if FLOOR[m] == i)}")
@@ -289,15 +278,8 @@ print("cycles found:", len(CYCLES))
 for cycle in CYCLES:
     print("   ", short(cycle[0]) + "".join(
         (" -(in a function)-> " if GRAPH[a][b] else " -> ") + short(b) for a, b in zip(cycle, cycle[1:])))
-# INTEGRATOR: the package is being refactored so that its modules import downward only.
-# Once that refactor has landed (re-execute this page and check that it prints
-# "cycles found: 0"), set ENFORCE_ACYCLIC = True: from then on the page, nbval and the book
-# build fail if a cycle comes back.
-ENFORCE_ACYCLIC = False
-if ENFORCE_ACYCLIC:
-    assert not CYCLES, f"minisd's imports have {len(CYCLES)} cycle(s): {CYCLES}"
-else:
-    print("(the acyclic assert is not enforced yet)")
+# the page, nbval and the book build fail if a cycle comes back
+assert not CYCLES, f"minisd's imports have {len(CYCLES)} cycle(s): {CYCLES}"
 
 # %% [markdown]
 # ## What you built

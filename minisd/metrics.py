@@ -6,8 +6,9 @@ import torch
 # --- CLIP score (chapter 8 / 12) -------------------------------------------------------------
 
 def clip_score(image_embeds, text_embeds):
-    """CLIP score (Hessel et al. 2021, "CLIPScore"; chapters 8 and 12): how well each image fits
-    its own caption, as the mean over pairs of max(100 * cos(image_i, text_i), 0).
+    """CLIP score (chapters 8 and 12): how well each image fits its own caption, as the mean over
+    pairs of max(100 * cos(image_i, text_i), 0): torchmetrics' convention. Hessel et al.'s
+    CLIP-S (2021, "CLIPScore") is the same clamped cosine scaled by w = 2.5 instead of 100.
 
     `image_embeds` and `text_embeds` are (N, D) CLIP embeddings of N matching pairs (they are
     normalised here). Higher is better; 0 to 100. This is the per-pair formula torchmetrics'
