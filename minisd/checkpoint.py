@@ -19,7 +19,7 @@ from . import paths
 from .clip import CLIP, CLIPConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightsError, load_into, load_state_dict, save_file
+from .weights import WeightsError, check_not_lfs_pointer, load_into, load_state_dict, save_file
 
 # The model classes a checkpoint can hold, by the name written in its metadata.
 MODELS = {"UNet": (UNet, UNetConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig), "CLIP": (CLIP, CLIPConfig)}
@@ -51,8 +51,13 @@ def checkpoint_metadata(path):
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: the course models are made by "
                                 "`python -m minisd train vae`, `train clip` and `train unet`")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    check_not_lfs_pointer(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own error types for a bad header
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                           "make it again with the command that wrote it") from e
     if meta.get("model") not in MODELS or "config" not in meta:
         raise WeightsError(f"{path} has no 'model' and 'config' in its metadata: it was not written by "
                            "minisd.checkpoint.save_checkpoint (for diffusers or original SD files use "

@@ -11,7 +11,10 @@ latents / scaling_factor and the image is mapped from [-1, 1] to [0, 1].
 """
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,7 +172,15 @@ class StableDiffusion:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
                              "(20-50 is typical; the course model needs about 25)")
-        guidance = self.guidance if guidance is None else float(guidance)
+        if guidance is not None:
+            try:
+                guidance = float(guidance)
+            except (TypeError, ValueError):
+                raise TypeError(f"guidance={guidance!r}: the classifier-free guidance scale must be a number") from None
+            if not math.isfinite(guidance):
+                raise ValueError(f"guidance={guidance!r}: the classifier-free guidance scale must be a finite number "
+                                 "(1 or less turns guidance off; 4-8 is typical)")
+        guidance = self.guidance if guidance is None else guidance
         scheduler = self.scheduler if scheduler is None else scheduler
         if isinstance(scheduler, Scheduler):       # a sampler object, e.g. schedulers.PNDM(order=2)
             return prompts, negatives, steps, guidance, scheduler
@@ -316,6 +327,15 @@ def single_file_scheduler(unet_config, global_step=None, prediction_type=None):
 
 
 def _check_device_dtype(device, dtype):
+    """Refuse, before any work, a device this torch cannot use and a dtype the device cannot run."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'without CUDA'}): "
+                         "use device='cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU "
+                         "(README, 'On a GPU')")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r}, but MPS (Apple's GPU backend) is not available here: "
+                         "use device='cpu'")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype}: use torch.float32, torch.float16 (CUDA) or torch.bfloat16")
     if dtype == torch.float16 and device.type == "cpu":
@@ -355,16 +375,40 @@ def main(argv=None):
     parser.add_argument("--size", type=int, help="height and width in pixels (default: the model's)")
     parser.add_argument("--out", required=True, help="where to write the PNG")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
+        _check_output(out)                       # before any work: a run must never end unable to write
+        if args.guidance is not None and not math.isfinite(args.guidance):
+            raise ValueError(f"--guidance {args.guidance}: the guidance scale must be a finite number "
+                             "(1 or less turns guidance off; 4-8 is typical)")
         if args.weights:
             pipe = StableDiffusion.from_pretrained(args.weights, device=args.device, dtype=getattr(torch, args.dtype))
         else:
             pipe = StableDiffusion.course_model(device=args.device, dtype=getattr(torch, args.dtype))
         image = pipe(args.prompt, negative_prompt=args.negative, height=args.size, width=args.size,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)[0]
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    image.save(args.out)
-    print(f"wrote {args.out} ({image.width}x{image.height})")
+    # atomically: a temporary file beside the target, then renamed, so no half-written PNG is left
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    print(f"wrote {out} ({image.width}x{image.height})")
     return 0
+
+
+def _check_output(out):
+    """--out must be writable, with an image extension PIL knows, before any sampling starts."""
+    from PIL import Image
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: {out.suffix or 'no extension'} is not an image format; name it e.g. x.png")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it first "
+                         f"(mkdir -p {out.parent}) or write elsewhere")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: no permission to write there; choose another path")

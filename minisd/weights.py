@@ -28,6 +28,22 @@ class WeightsError(ValueError):
     """A weight file that cannot be used: the message says which file, which key, and why."""
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_lfs_pointer(path):
+    """Refuse a Git LFS pointer where weights should be: the ~130-byte text file a clone made
+    without git-lfs holds in place of each large file (the commonest broken checkpoint)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if head.startswith(LFS_POINTER):
+        size = re.search(rb"\nsize (\d+)", head)
+        real = f" of {int(size.group(1)):,} bytes" if size else ""
+        raise WeightsError(f"{path} is a Git LFS pointer ({len(head)} bytes of text that stand for the real "
+                           f"file{real}), not the weights: the repository was cloned without git-lfs. In that "
+                           "clone run `git lfs install` then `git lfs pull`, or download the file itself")
+
+
 def load_state_dict(path, device="cpu"):
     """Read a .safetensors file (memory-mapped) or a .ckpt/.pt/.bin (torch.load, weights_only)."""
     path = Path(path)
@@ -37,6 +53,7 @@ def load_state_dict(path, device="cpu"):
     if path.is_dir():
         raise WeightsError(f"{path} is a folder; load_state_dict reads one file "
                            "(use StableDiffusion.from_pretrained for a diffusers folder)")
+    check_not_lfs_pointer(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -47,9 +64,12 @@ def load_state_dict(path, device="cpu"):
     try:
         sd = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path} could not be read by torch.load(weights_only=True) ({e}); "
-                           "it may be truncated, corrupt, or hold more than tensors: "
-                           "convert it to .safetensors") from e
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never repeat it
+        reason = ("it holds Python objects besides tensors, which minisd never unpickles (unpickling can run "
+                  "arbitrary code): ask for a .safetensors version of the file" if "weights_only" in str(e)
+                  else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; it may be truncated or "
+                       "corrupt: download it again, or use a .safetensors version of the file")
+        raise WeightsError(f"{path} could not be read as a file of tensors ({reason})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # Lightning-style checkpoints (the original SD .ckpt files)
     if not isinstance(sd, dict):
