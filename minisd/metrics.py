@@ -67,7 +67,8 @@ def frechet_distance(features_a, features_b):
         raise ValueError(f"the two feature sets have different widths ({a.shape[1]} vs {b.shape[1]}): "
                          "compute both with the same feature network")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)   # (D, D) each, unbiased (N - 1)
+    # (D, D) each, unbiased (N - 1); np.cov returns a 0-d array for D = 1, hence atleast_2d
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root_a = _sqrt_psd(cov_a)
     m = root_a @ cov_b @ root_a                                        # symmetric PSD, same eigenvalues as S_a S_b
     w = np.linalg.eigvalsh((m + m.T) / 2)

@@ -73,6 +73,13 @@ def test_near_singular_covariances_give_finite_real(case):
         assert d == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
+def test_one_feature_gives_the_1d_closed_form():
+    """D = 1 (np.cov returns a 0-d array there): (m1 - m2)^2 + (s1 - s2)^2, chapter 12's 1-D case."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(1.0, 2.0, (100_000, 1)), rng.normal(-0.5, 0.5, (100_000, 1))
+    assert metrics.frechet_distance(x, y) == pytest.approx(1.5 ** 2 + 1.5 ** 2, rel=0.01)
+
+
 def test_symmetric_in_its_arguments():
     a = random_features(150, 24, seed=9)
     b = random_features(150, 24, seed=10, shift=0.2) * 0.7
