@@ -71,19 +71,26 @@ def add_noise(x0, noise, t, schedule=NoiseSchedule.sd15()):
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
-def training_loss(model, x0, context, schedule=NoiseSchedule.sd15(), generator=None):
+def training_loss(model, x0, context, schedule=NoiseSchedule.sd15(), generator=None, min_snr_gamma=None):
     """One Monte Carlo sample of SD's objective ||eps - eps_theta(x_t, t, c)||^2 (chapter 9).
 
     model(x_t, t, context) predicts the noise (the U-Net); x0 is a batch of clean latents
     (B, C, h, w), context the text encoder's output for the captions (B, 77, D). Each
     sample gets its own t ~ U{0..T-1} and eps ~ N(0, I), drawn from `generator` if given.
-    Returns the mean squared error over all elements, a scalar.
+    Returns the mean squared error over all elements, a scalar. With `min_snr_gamma`
+    (Hang et al. 2023), each sample's error is weighted min(SNR_t, gamma) / SNR_t first.
     """
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_t = add_noise(x0, noise, t, schedule)
-    return F.mse_loss(model(x_t, t, context).float(), noise.float())
+    pred = model(x_t, t, context).float()
+    if min_snr_gamma is None:
+        return F.mse_loss(pred, noise.float())
+    snr = _per_sample(schedule.alphas_cumprod, t, pred).flatten()
+    snr = snr / (1 - snr)                                                  # abar / (1 - abar)
+    weight = snr.clamp(max=min_snr_gamma) / snr
+    return (weight * ((pred - noise.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))).mean()
 
 
 def drop_captions(captions, p=0.1, generator=None):

@@ -150,13 +150,12 @@ def test_guided_sampling_gives_latents_of_the_unet_size():
 
 def test_min_snr_loss_with_a_huge_gamma_is_the_plain_loss():
     from minisd.diffusion import training_loss
-    from minisd.train.unet import min_snr_loss
     unet = tiny_unet()
     x0, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 77, D)
     with torch.no_grad():
         plain = training_loss(unet, x0, ctx, generator=torch.Generator().manual_seed(3))
-        same = min_snr_loss(unet, x0, ctx, 1e9, torch.Generator().manual_seed(3))
-        low = min_snr_loss(unet, x0, ctx, 1.0, torch.Generator().manual_seed(3))
+        same = training_loss(unet, x0, ctx, generator=torch.Generator().manual_seed(3), min_snr_gamma=1e9)
+        low = training_loss(unet, x0, ctx, generator=torch.Generator().manual_seed(3), min_snr_gamma=1.0)
     assert torch.allclose(plain, same, rtol=1e-5)
     assert low < plain   # the weights min(SNR, gamma) / SNR are <= 1, < 1 where SNR > gamma
 

@@ -78,10 +78,7 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
         pick = torch.randint(0, len(latents), (batch_size,), generator=g)
         captions = drop_captions([prompts[k] for k in labels[pick].tolist()], drop, g)
         context = contexts[[index[c] for c in captions]]                  # (B, 77, D)
-        if min_snr is None:
-            loss = training_loss(unet, latents[pick], context, generator=g)
-        else:
-            loss = min_snr_loss(unet, latents[pick], context, min_snr, g)
+        loss = training_loss(unet, latents[pick], context, generator=g, min_snr_gamma=min_snr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad is not None:
@@ -96,21 +93,6 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
         if step % 50 == 0 or step == steps - 1:  # the last redraw shows the final mean
             bar.set_postfix(loss=f"{sum(log['loss'][-50:]) / len(log['loss'][-50:]):.4f}")
     return unet.eval(), ema, log
-
-
-def min_snr_loss(unet, x0, context, gamma, generator):
-    """training_loss with each sample's MSE weighted min(SNR, gamma) / SNR (epsilon prediction)."""
-    import torch
-    from ..diffusion import NoiseSchedule, add_noise
-    schedule = NoiseSchedule.sd15()
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    abar = schedule.alphas_cumprod[t].to(x0.dtype)
-    snr = abar / (1 - abar)
-    weight = snr.clamp(max=gamma) / snr
-    err = ((unet(add_noise(x0, noise, t, schedule), t, context).float() - noise) ** 2).mean(dim=(1, 2, 3))
-    return (weight * err).mean()
 
 
 # The course model's sampling settings: a choice (chapters 10 and 12 measure others). `train unet`
