@@ -187,3 +187,42 @@ def test_sd15_text_encoder_equals_diffusers(tmp_path):
         with torch.no_grad():
             mine = ours.text_encoder(ours.tokenizer(prompts))
         torch.testing.assert_close(mine, reference_embeddings(ref, prompts), atol=1e-4, rtol=0)
+
+
+def test_course_training_moves_only_the_new_row(tmp_path):
+    """`train ti`: a few steps on the course model change the new row and nothing else (U-Net, text
+    encoder, the 49,408 old rows), and the saved file loads back into a fresh text encoder."""
+    from minisd.checkpoint import course_unet
+    from minisd.train.ti import encode_concept_images, ti_prompt, train_ti
+    from minisd.train.unet import frozen_course_models
+    vae, text_encoder, tokenizer = frozen_course_models()
+    unet = course_unet()
+    before_unet = {k: v.clone() for k, v in unet.state_dict().items()}
+    before_text = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    old = text_encoder(tokenizer(["a red bar in the center"])).detach()
+    encoded = encode_concept_images(vae, "bar", n=64)
+    token, log = train_ti(unet, vae, text_encoder, tokenizer, "bar", steps=3, batch_size=4,
+                          encoded=encoded, progress=False)
+    assert token == "<bar>" and len(log["loss"]) == 3
+    table = text_encoder.embeddings.token_embedding.weight
+    assert table.shape[0] == 49409
+    bar_row = table[tokenizer.encode("bar")[0]]
+    assert not torch.equal(table[-1], bar_row)                       # it started at "bar" and moved
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before_unet[k]), k
+    for k, v in text_encoder.state_dict().items():
+        assert torch.equal(v[:49408] if k.endswith("token_embedding.weight") else v, before_text[k]), k
+    assert torch.equal(text_encoder(tokenizer(["a red bar in the center"])), old)   # prompts without the token
+    assert ti_prompt("a red bar in the center", "bar") == "a red <bar> in the center"
+    pipe = types.SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder)
+    path = textual_inversion.save(pipe, token, tmp_path / "bar.safetensors")
+    _, te2, tok2 = frozen_course_models()
+    textual_inversion.load(types.SimpleNamespace(tokenizer=tok2, text_encoder=te2), path)
+    prompt = ["a red <bar> in the center"]
+    torch.testing.assert_close(te2(tok2(prompt)), text_encoder(tokenizer(prompt)), atol=0, rtol=0)
+
+
+def test_train_ti_refuses_an_unknown_concept():
+    from minisd.train.ti import cli_ti
+    with pytest.raises(SystemExit, match="'dog' is not a shape or colour"):
+        cli_ti(["--concept", "dog"])
