@@ -117,6 +117,7 @@ x_tok = F.embedding(ids, table)                                                 
 x_tok.retain_grad()
 x = x_tok + check_te.embeddings.position_embedding.weight[:77]
 context = check_te.final_layer_norm(check_te.encoder(x, check_te.config.layers))      # the encoder's forward
+assert torch.equal(context, check_te(ids))
 loss = training_loss(pipe.unet, enc_latents, context, generator=torch.Generator().manual_seed(0))
 loss.backward()
 rows = set(torch.nonzero(table.grad.abs().sum(1)).flatten().tolist())

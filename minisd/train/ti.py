@@ -176,10 +176,9 @@ def compare(concepts=("bar", "orange"), progress=True):
                 rows[name]["old"] = measure(unet, vae, ctx, prompts, concept, data.combinations(), COMPARE_OLD_SEEDS,
                                             lora_judge(concept))[0]
         rows["ti"]["old"] = "identical to base: the old prompts' contexts are bit-for-bit unchanged"
-        logs = {k: f for k, f in (("lora", lora_file), ("ti", ti_file))}
         out["concepts"][concept] = {"new_prompts": f"{len(combos)} combinations x {len(seeds)} seeds",
                                     "old_prompts": f"90 combinations x {len(COMPARE_OLD_SEEDS)} seeds",
-                                    "files": {k: f.name for k, f in logs.items()}, **rows}
+                                    "files": {"lora": lora_file.name, "ti": ti_file.name}, **rows}
     return out
 
 
