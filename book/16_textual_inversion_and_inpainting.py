@@ -82,7 +82,7 @@ assert new_ids == [49408] and tokenizer.encode(prompt)[2] == 49408 and tokenizer
 # convention): the word then takes $n$ of the 75 places of the prompt.
 
 # %%
-pipe = StableDiffusion.course_model()          # 25 DDIM steps, guidance 4
+pipe = StableDiffusion.course_model()          # its sampling settings from the checkpoint
 te, tok = pipe.text_encoder, pipe.tokenizer
 print("course token table:", tuple(te.embeddings.token_embedding.weight.shape))
 demo = types.SimpleNamespace(tokenizer=CLIPTokenizer.sd15(), text_encoder=minisd.checkpoint.course_text_encoder())
@@ -235,7 +235,7 @@ plt.show()
 # ## The comparison
 #
 # `python -m minisd train ti --compare` judges the three models on the same prompts and seeds
-# (DDIM {cite:p}`song2021ddim`, 25 steps, guidance 4, as chapter 9 judges): 300 images of each new
+# (the course model's own sampling settings, DDIM {cite:p}`song2021ddim`; the table records them): 300 images of each new
 # concept per model (bar: 30 combinations × 10 seeds; orange: 15 × 20), read by chapter 13's judge
 # (for bar the judge that knows the new shapes), and the pixel measure of chapter 12,
 # `metrics.fidelity` (the soft IoU of the foreground with the caption's shape, fitted). Each rate

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from .lora import concept_prompts, lora_judge
-from .unet import COURSE_SAMPLING, frozen_course_models, judge_course_unet, warmup_cosine
+from .unet import course_sampling, frozen_course_models, judge_course_unet, warmup_cosine
 
 # the course recipe (`python -m minisd train ti` with no options): 1000 steps of batch 32, as the
 # course LoRA, so the two see the same images (its CPU time is logged next to the LoRA's)
@@ -128,7 +128,7 @@ def concept_contexts(text_encoder, tokenizer, concept, token=None):
 
 
 def measure(unet, vae, contexts, prompts, concept, combos, seeds, judge):
-    """Generate one image per (combination, seed) (DDIM 25, guidance 4, as chapter 9 judges) and
+    """Generate one image per (combination, seed) (the course sampling settings, `course_sampling()`) and
     measure it: the judge (colour, shape, position, all three) with Wilson 95 % intervals, and the
     pixel measure `metrics.fidelity` (soft IoU with the caption's shape) with its mean's interval."""
     from .. import data, metrics
@@ -152,7 +152,7 @@ def compare(concepts=("bar", "orange"), progress=True):
     from .. import data, lora, paths, textual_inversion
     from ..checkpoint import course_path, course_unet
     vae, text_encoder, tokenizer = frozen_course_models()
-    out = {"sampling": COURSE_SAMPLING, "concepts": {}}
+    out = {"sampling": course_sampling(), "concepts": {}}
     for concept in concepts:
         combos = data.concept_combinations(concept)
         seeds = range(-(-COMPARE_NEW_IMAGES // len(combos)))
