@@ -235,8 +235,9 @@ plt.show()
 # ## The comparison
 #
 # `python -m minisd train ti --compare` judges the three models on the same prompts and seeds
-# (the course model's own sampling settings, DDIM {cite:p}`song2021ddim`; the table records them): 300 images of each new
-# concept per model (bar: 30 combinations × 10 seeds; orange: 15 × 20), read by chapter 13's judge
+# (the course model's own sampling settings, DDIM {cite:p}`song2021ddim`; the table records
+# them): 300 images of each new concept per model (bar: 30 combinations × 10 seeds; orange:
+# 15 × 20), read by chapter 13's judge
 # (for bar the judge that knows the new shapes), and the pixel measure of chapter 12,
 # `metrics.fidelity` (the soft IoU of the foreground with the caption's shape, fitted). Each rate
 # has its Wilson 95 % interval, each mean its normal interval. The old prompts (90 × 4 seeds) are
@@ -405,7 +406,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     theirs = diffusers.StableDiffusionPipeline(
         vae=None, text_encoder=theirs_te, unet=None, scheduler=None, safety_checker=None, feature_extractor=None,
-        tokenizer=transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77),
         requires_safety_checker=False)
     theirs.load_textual_inversion(str(folder / "learned_embeds.safetensors"))
 prompts = ["a red <bar> in the top left", "a <bar>, a <BAR> and a circle"]
