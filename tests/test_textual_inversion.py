@@ -226,3 +226,22 @@ def test_train_ti_refuses_an_unknown_concept():
     from minisd.train.ti import cli_ti
     with pytest.raises(SystemExit, match="'dog' is not a shape or colour"):
         cli_ti(["--concept", "dog"])
+
+
+def test_course_training_with_two_vectors(tmp_path):
+    """--vectors 2: the word is <orange> and <orange>_1, both rows train, and the saved (2, D) file
+    loads back as one word that stands for both."""
+    from minisd.checkpoint import course_unet
+    from minisd.train.ti import encode_concept_images, train_ti
+    from minisd.train.unet import frozen_course_models
+    vae, text_encoder, tokenizer = frozen_course_models()
+    start = text_encoder.embeddings.token_embedding.weight[tokenizer.encode("orange")[0]].clone()
+    token, _ = train_ti(course_unet(), vae, text_encoder, tokenizer, "orange", vectors=2, steps=2, batch_size=2,
+                        encoded=encode_concept_images(vae, "orange", n=8), progress=False)
+    assert tokenizer.encode(f"a {token} circle")[1:3] == [49408, 49409]
+    rows = textual_inversion.embedding(tokenizer, text_encoder, token)
+    assert rows.shape == (2, 64) and not torch.equal(rows[0], start) and not torch.equal(rows[1], start)
+    path = textual_inversion.save(types.SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder), token,
+                                  tmp_path / "orange.pt")
+    name, vectors = textual_inversion.read(path)
+    assert name == token and torch.equal(vectors, rows)
