@@ -18,4 +18,4 @@ from .vae import AutoencoderKL, VAEConfig  # noqa: E402
 from . import weights, checkpoint  # noqa: E402
 from . import pipeline  # noqa: E402
 from .pipeline import StableDiffusion  # noqa: E402
-from . import lora, metrics  # noqa: E402
+from . import lora, metrics, textual_inversion  # noqa: E402

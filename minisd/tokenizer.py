@@ -10,6 +10,9 @@ Text goes through four steps, each a method below so the book can show it:
 4. `__call__`: <|startoftext|> + ids + <|endoftext|>, padded to 77 with <|endoftext|> (SD 1.x)
    or "!" (SD 2.x).
 
+`add_tokens` appends new words after the 49,408 (textual inversion, chapter 16): they are found
+in the normalised text before BPE sees it, as transformers' added tokens are.
+
 The result equals transformers' `CLIPTokenizer` (what diffusers' SD pipelines use), id for id.
 """
 import gzip
@@ -83,6 +86,8 @@ class CLIPTokenizer:
             raise ValueError(f"pad={pad!r} is not a token of this vocabulary")
         self.pad_id = self.encoder[pad]  # SD 1.x pads with <|endoftext|>, SD 2.x with "!" (id 0)
         self.cache = {}  # word (no spaces) -> its ids
+        self.added = {}  # added token, normalised -> id (textual inversion, chapter 16)
+        self._added_pattern = None
 
     @classmethod
     def sd15(cls, clean=None, pad=EOS):
@@ -98,6 +103,42 @@ class CLIPTokenizer:
     @property
     def vocab_size(self):
         return len(self.decoder)
+
+    def add_tokens(self, tokens):
+        """Append new tokens after the vocabulary (textual inversion, chapter 16); returns their ids.
+
+        As transformers' `add_tokens`: a token is matched in the normalised text (so "<Cat>" also
+        matches "<cat>"), anywhere, longest first, before the text is split into words. A token
+        `<t>` followed by added tokens `<t>_1`, `<t>_2`... stands for all of them (a multi-vector
+        embedding), as diffusers' `maybe_convert_prompt` expands it."""
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in tokens:
+            key = self.normalize(token).strip() if isinstance(token, str) else ""
+            if not key:
+                raise ValueError(f"cannot add {token!r}: a token is a non-empty string")
+            if key in self.added or token in self.encoder or key in self.encoder or key + "</w>" in self.encoder:
+                raise ValueError(f"{token!r} is already in the tokenizer's vocabulary: adding it would change what "
+                                 "prompts that use it mean. Choose a new name, e.g. '<my-concept>'")
+        if len(set(tokens)) < len(tokens):
+            raise ValueError(f"{tokens}: a token is listed twice")
+        ids = []
+        for token in tokens:
+            self.added[self.normalize(token).strip()] = len(self.decoder)
+            ids.append(len(self.decoder))
+            self.decoder.append(token)
+        # longest first, so that "<t>_1" is not read as "<t>" followed by "_1"
+        self._added_pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))
+                                         + ")")
+        self.cache.clear()
+        return ids
+
+    def added_ids(self, key):
+        """An added token's id, then those of `key_1`, `key_2`... (its other vectors)."""
+        ids, i = [self.added[key]], 1
+        while f"{key}_{i}" in self.added:
+            ids.append(self.added[f"{key}_{i}"])
+            i += 1
+        return ids
 
     # --- the four steps ---------------------------------------------------------------------
     def normalize(self, text):
@@ -158,12 +199,18 @@ class CLIPTokenizer:
             if segment in (BOS, EOS):  # typed special tokens count as themselves
                 ids.append(self.encoder[segment])
                 continue
-            for word in self.normalize(segment).split(" "):
-                if word and word not in self.cache:
-                    if len(self.cache) >= CACHE_SIZE:
-                        self.cache.clear()
-                    self.cache[word] = [self.encoder[t] for p in self._split_word(word) for t in self.bpe(p)]
-                ids.extend(self.cache.get(word, ()))
+            text = self.normalize(segment)
+            parts = self._added_pattern.split(text) if self._added_pattern else [text]
+            for k, part in enumerate(parts):
+                if k % 2:  # an added token (the pattern's group)
+                    ids.extend(self.added_ids(part))
+                    continue
+                for word in part.split(" "):
+                    if word and word not in self.cache:
+                        if len(self.cache) >= CACHE_SIZE:
+                            self.cache.clear()
+                        self.cache[word] = [self.encoder[t] for p in self._split_word(word) for t in self.bpe(p)]
+                    ids.extend(self.cache.get(word, ()))
         return ids
 
     def __call__(self, texts):
@@ -191,11 +238,19 @@ class CLIPTokenizer:
         """Token ids -> text (words separated by spaces, lowercase, special tokens kept)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        words = []
-        for part in SPECIAL.split("".join(self.decoder[i] for i in ids)):
-            if part in (BOS, EOS):  # special tokens are not byte-encoded
-                words.append(part)
+        first_added = len(self.decoder) - len(self.added)
+        words, run = [], []
+        for i in [*ids, None]:
+            if i is not None and i < first_added:
+                run.append(i)
                 continue
-            for word in part.split("</w>"):
-                words.append(bytearray(self.byte_decoder[c] for c in word).decode("utf-8", "replace"))
+            for part in SPECIAL.split("".join(self.decoder[j] for j in run)):
+                if part in (BOS, EOS):  # special tokens are not byte-encoded
+                    words.append(part)
+                    continue
+                for word in part.split("</w>"):
+                    words.append(bytearray(self.byte_decoder[c] for c in word).decode("utf-8", "replace"))
+            run = []
+            if i is not None:
+                words.append(self.decoder[i])  # an added token, as it was added
         return " ".join(w for w in words if w)
