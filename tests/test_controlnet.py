@@ -269,3 +269,94 @@ def test_original_key_names():
     assert original_key("hint_encoder.conv_out.weight", c) == "input_hint_block.14.weight"
     assert original_key("zero_convs.11.weight", c) == "zero_convs.11.0.weight"
     assert original_key("down_blocks.1.attentions.0.proj_in.weight", c) == "input_blocks.4.1.proj_in.weight"
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """diffusers' tiny random SD (tests/reference_sd.py), two random ControlNets made from its U-Net
+    (hint encoder with one halving: the tiny VAE's factor 2), and ours loaded from their folders."""
+    from minisd import StableDiffusion
+    from reference_sd import reference_pipeline
+    folder = tmp_path_factory.mktemp("tiny_sd_cn")
+    ref = reference_pipeline(folder / "sd")
+    theirs, ours = [], []
+    for i in range(2):
+        cn = perturbed(ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(8, 16)), seed=i)
+        cn.save_pretrained(folder / f"cn{i}")
+        theirs.append(cn)
+        ours.append(ControlNet.from_pretrained(folder / f"cn{i}"))
+    return ref, theirs, StableDiffusion.from_pretrained(folder / "sd"), ours
+
+
+def control_images(seed=5):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    pil = Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy())     # resized to 16x16
+    return pil, torch.rand(2, 3, 12, 12, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["pil", "tensor", "multi"])
+def test_pipeline_equals_diffusers_controlnet_pipeline(tiny_sd, kind):
+    import diffusers
+    import numpy as np
+    ref, theirs, pipe, ours = tiny_sd
+    pil, tensor = control_images()
+    image, their_cn, our_cn, scale = {
+        "pil": (pil, theirs[0], ours[0], 0.8), "tensor": (tensor, theirs[0], ours[0], 1.0),
+        "multi": ([pil, tensor], theirs, ours, [1.0, 0.5])}[kind]
+    ref_cn = diffusers.StableDiffusionControlNetPipeline(**{**ref.components, "controlnet": their_cn})
+    ref_cn.set_progress_bar_config(disable=True)
+    prompts = ["a red circle in the top left", "an astronaut"]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = ref_cn(prompts, image=image, height=16, width=16, num_inference_steps=4, guidance_scale=7.5,
+                      latents=x, output_type="np", controlnet_conditioning_scale=scale).images
+    out = pipe(prompts, height=16, width=16, steps=4, guidance=7.5, latents=x, output_type="np", progress=False,
+               controlnet=our_cn, control_image=image, controlnet_scale=scale)
+    plain = pipe(prompts, height=16, width=16, steps=4, guidance=7.5, latents=x, output_type="np", progress=False)
+    np.testing.assert_allclose(out, expected, atol=2e-3, rtol=0)
+    assert np.abs(out - plain).max() > 1e-2
+
+
+def test_img2img_equals_diffusers_controlnet_img2img(tiny_sd):
+    import diffusers
+    import numpy as np
+    ref, theirs, pipe, ours = tiny_sd
+    ref_cn = diffusers.StableDiffusionControlNetImg2ImgPipeline(**{**ref.components, "controlnet": theirs[0]})
+    ref_cn.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    hint = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    expected = ref_cn("a red circle", image=init, control_image=hint, strength=0.6, num_inference_steps=5,
+                      output_type="np", generator=torch.Generator().manual_seed(2),
+                      controlnet_conditioning_scale=0.7).images   # (its default is 0.8, the text-to-image one's 1.0)
+    out = pipe.img2img("a red circle", init, strength=0.6, steps=5, seed=2, output_type="np", progress=False,
+                       controlnet=ours[0], control_image=hint, controlnet_scale=0.7)
+    np.testing.assert_allclose(out, expected, atol=2e-3, rtol=0)
+
+
+def test_control_image_errors_name_the_argument(tiny_sd):
+    import numpy as np
+    _, _, pipe, ours = tiny_sd
+    run = dict(steps=1, height=16, width=16, progress=False, controlnet=ours[0])
+    with pytest.raises(ValueError, match=r"control_image: a tensor must be float \(B, 3, H, W\).*\(1, 4, 16, 16\)"):
+        pipe("a", control_image=torch.rand(1, 4, 16, 16), **run)
+    with pytest.raises(ValueError, match="control_image: a tensor must be float.*torch.uint8"):
+        pipe("a", control_image=torch.zeros(1, 3, 16, 16, dtype=torch.uint8), **run)
+    with pytest.raises(ValueError, match=r"control_image: an array must be uint8 \(H, W, 3\).*float64"):
+        pipe("a", control_image=np.zeros((16, 16, 3)), **run)
+    with pytest.raises(ValueError, match=r"control_image holds 3 images for 2 prompt\(s\)"):
+        pipe(["a", "b"], control_image=torch.rand(3, 3, 16, 16), **run)
+    with pytest.raises(ValueError, match="without controlnet="):
+        pipe("a", steps=1, control_image=torch.rand(1, 3, 16, 16), progress=False)
+    with pytest.raises(ValueError, match=r"2 ControlNets need one control_image and one controlnet_scale each"):
+        pipe("a", **{**run, "controlnet": ours}, control_image=[torch.rand(1, 3, 16, 16)])
+
+
+def test_an_sd2_controlnet_on_sd1_is_refused_before_any_work(tiny_sd):
+    _, _, pipe, ours = tiny_sd
+    c = ours[0].config
+    with torch.device("meta"):
+        sd2 = ControlNet(replace(c, unet=replace(c.unet, context_dim=1024, linear_projection=True)))
+    with pytest.raises(ValueError, match=r"made for SD 2.x \(1024-wide text\).*a ControlNet trained for this model"):
+        pipe("a", steps=1, controlnet=sd2, control_image=torch.rand(1, 3, 16, 16), progress=False)
