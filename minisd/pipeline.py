@@ -321,7 +321,12 @@ class StableDiffusion:
         control = []
         for i, (net, image, scale) in enumerate(zip(nets, images, scales)):
             name = "control_image" if len(nets) == 1 else f"control_image[{i}]"
-            check_fits(net, self.unet, "controlnet" if len(nets) == 1 else f"controlnet[{i}]")
+            label = "controlnet" if len(nets) == 1 else f"controlnet[{i}]"
+            check_fits(net, self.unet, label)
+            p = next(net.parameters())
+            if (p.device, p.dtype) != (self.device, self.dtype):
+                raise ValueError(f"{label} is {p.dtype} on {p.device} but the pipeline is {self.dtype} on {self.device}: "
+                                 "load it with ControlNet.from_pretrained(path, device=..., dtype=...) to match, or .to() it")
             hint = _control_tensor(image, height, width, net.config.conditioning_channels, name)
             if len(hint) == 1:
                 hint = hint.expand(n, -1, -1, -1)

@@ -1,6 +1,7 @@
 """Chapter 14: minisd.ControlNet equals diffusers' ControlNetModel on the same weights, the U-Net
 takes its residuals as diffusers' does, and the files people have load (a diffusers folder, the
 original 1.1 and 1.0 single files), with clear errors for the wrong ones."""
+import copy
 import gc
 from dataclasses import replace
 
@@ -349,6 +350,8 @@ def test_control_image_errors_name_the_argument(tiny_sd):
         pipe(["a", "b"], control_image=torch.rand(3, 3, 16, 16), **run)
     with pytest.raises(ValueError, match="without controlnet="):
         pipe("a", steps=1, control_image=torch.rand(1, 3, 16, 16), progress=False)
+    with pytest.raises(ValueError, match=r"controlnet is torch.bfloat16 on cpu but the pipeline is torch.float32"):
+        pipe("a", control_image=torch.rand(1, 3, 16, 16), **{**run, "controlnet": copy.deepcopy(ours[0]).bfloat16()})
     with pytest.raises(ValueError, match=r"2 ControlNets need one control_image and one controlnet_scale each"):
         pipe("a", **{**run, "controlnet": ours}, control_image=[torch.rand(1, 3, 16, 16)])
 
