@@ -85,6 +85,19 @@ def sampling_settings(path):
     return json.loads(meta["sampling"]) if "sampling" in meta else None
 
 
+def set_sampling(path, sampling, note=None):
+    """Rewrite a U-Net checkpoint's recommended `sampling` settings (and, if given, the `note`
+    saying how they were chosen, kept as "sampling_criterion"), atomically; tensors and every
+    other metadata entry stay as they are. `python -m minisd evaluate --set-default` uses it."""
+    meta = checkpoint_metadata(path)
+    if meta["model"] != "UNet":
+        raise WeightsError(f"{path} holds a {meta['model']}: sampling settings belong to a U-Net checkpoint")
+    meta["sampling"] = json.dumps(dict(sampling))
+    if note is not None:
+        meta["sampling_criterion"] = str(note)
+    save_file(load_state_dict(path), path, metadata=meta)
+
+
 def course_path(part):
     """data/'s checkpoint of one course part ("vae", "clip" or "unet"), or a FileNotFoundError
     that names the command that makes it."""

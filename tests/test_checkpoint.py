@@ -107,3 +107,32 @@ def test_kohya_names_come_from_the_same_table():
     assert lora.diffusers_path("up_blocks.1.attentions.0.block.attn2.to_out") == \
         "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"
     assert not hasattr(lora, "UNET_PATH_TO_DIFFUSERS")
+
+
+def test_set_sampling_rewrites_only_the_settings(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny())
+    path = tmp_path / "u.safetensors"
+    checkpoint.save_checkpoint(path, unet, sampling={"sampler": "ddim", "steps": 25, "guidance": 4.0},
+                               metadata={"command": "train"})
+    checkpoint.set_sampling(path, {"sampler": "ddim", "steps": 25, "guidance": 2.0}, note="best fidelity")
+    assert checkpoint.sampling_settings(path) == {"sampler": "ddim", "steps": 25, "guidance": 2.0}
+    meta = checkpoint.checkpoint_metadata(path)
+    assert meta["command"] == "train" and meta["sampling_criterion"] == "best fidelity"
+    back = checkpoint.load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), back.state_dict().values()))
+    vae_path = tmp_path / "v.safetensors"
+    checkpoint.save_checkpoint(vae_path, AutoencoderKL(VAEConfig.tiny()))
+    with pytest.raises(weights.WeightsError, match="U-Net"):
+        checkpoint.set_sampling(vae_path, {"sampler": "ddim", "steps": 25, "guidance": 2.0})
+
+
+def test_the_default_guidance_criterion():
+    from minisd.evaluate import choose_guidance
+    row = lambda colour, shape, fid: {"colour": [colour], "shape": [shape], "position": [1.0], "fidelity": [fid]}  # noqa: E731
+    rows = {"real": row(1, 1, 0.998), "model_guidance_1.5": row(0.98, 1, 0.97),   # best fidelity, colour too low
+            "model_guidance_2": row(1, 1, 0.965), "model_guidance_3": row(1, 0.995, 0.965),
+            "model_guidance_4": row(1, 1, 0.96)}
+    assert choose_guidance(rows)[0] == 2.0          # a tie at 0.965 goes to the smaller scale
+    with pytest.raises(ValueError, match="99"):
+        choose_guidance({"model_guidance_4": row(0.5, 1, 0.99)})

@@ -12,7 +12,7 @@ import sys
 
 from .vae import cli_vae, held_out_images, held_out_psnr, latent_scale, train_vae_model, vae_sweep
 from .clip import cli_clip, clip_test_sets, clip_zero_shot_accuracy, train_clip_model
-from .unet import (COURSE_SAMPLING, cli_unet, course_prompts, course_unet_config, encode_course_data, frozen_course_models,
+from .unet import (COURSE_SAMPLING, cli_unet, course_prompts, course_sampling, course_unet_config, encode_course_data, frozen_course_models,
                    judge_course_unet, sample_course_latents, train_unet_model)
 from .lora import (LORA_COURSE, LORA_TARGETS, cli_lora, concept_prompts, encode_concept_data, evaluate_lora,
                    lora_judge, lora_rank_sweep, train_lora)

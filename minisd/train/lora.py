@@ -1,7 +1,7 @@
 """The course LoRA (chapter 13): `python -m minisd train lora --concept bar`, its evaluation and
 rank sweep."""
 from ..lora import TARGETS as LORA_TARGETS
-from .unet import COURSE_SAMPLING, course_prompts, frozen_course_models, judge_course_unet, warmup_cosine
+from .unet import course_prompts, course_sampling, frozen_course_models, judge_course_unet, warmup_cosine
 
 
 def concept_prompts(concept):
@@ -335,7 +335,7 @@ def _cli_lora_course(args, argv):
     shipped = lora.load(course_unet(unet_path), out).eval()
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
-    evaluation = {**COURSE_SAMPLING, "judge_palette": list(judge.colours),
+    evaluation = {**course_sampling(), "judge_palette": list(judge.colours),
                   "new_prompts": f"the {n_combos} {args.concept} combinations x 6 seeds",
                   "old_prompts": "the 90 course combinations x 2 seeds",
                   "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},

@@ -95,20 +95,34 @@ def train_unet_model(unet, latents, labels, contexts, prompts, steps=1500, batch
     return unet.eval(), ema, log
 
 
-# The course model's sampling settings: a choice (chapters 10 and 12 measure others). `train unet`
-# judges with them and stores them in the checkpoint's metadata, from which the pipeline reads them.
+# The sampling settings `train unet` judges with and first stores in the checkpoint's metadata:
+# provisional. `python -m minisd evaluate --set-default` then measures the guidance scales and
+# stores the chosen one (evaluate.DEFAULT_CRITERION) in the checkpoint, from which the pipeline
+# and `course_sampling()` read them.
 COURSE_SAMPLING = {"sampler": "ddim", "steps": 25, "guidance": 4.0}
 
 
-def sample_course_latents(unet, cond, uncond, steps=COURSE_SAMPLING["steps"], guidance=COURSE_SAMPLING["guidance"],
-                          scheduler=COURSE_SAMPLING["sampler"], seed=0):
+def course_sampling():
+    """The course U-Net's recommended sampling settings, read from data/course_unet.safetensors
+    (COURSE_SAMPLING while no checkpoint exists yet)."""
+    from ..checkpoint import COURSE_FILES, sampling_settings
+    from ..paths import DATA_DIR
+    path = DATA_DIR / COURSE_FILES["unet"]
+    return (sampling_settings(path) if path.exists() else None) or dict(COURSE_SAMPLING)
+
+
+def sample_course_latents(unet, cond, uncond, steps=None, guidance=None, scheduler=None, seed=0):
     """Latents from noise with classifier-free guidance (chapter 10's loop, for evaluation here).
 
     cond (B, 77, D) the prompts' contexts, uncond (1, 77, D) the context of "". Each step
     runs the U-Net once on the batch [uncond, cond] and mixes eps_u + guidance (eps_c - eps_u):
-    `pipeline.denoise`, the pipeline's own loop.
+    `pipeline.denoise`, the pipeline's own loop. Settings left None: `course_sampling()`'s.
     """
     import torch
+    default = course_sampling()
+    steps = default["steps"] if steps is None else steps
+    guidance = default["guidance"] if guidance is None else guidance
+    scheduler = default["sampler"] if scheduler is None else scheduler
     from ..pipeline import denoise
     from ..schedulers import make_scheduler
     c, size = unet.config.in_channels, unet.config.sample_size
@@ -122,9 +136,10 @@ def sample_course_latents(unet, cond, uncond, steps=COURSE_SAMPLING["steps"], gu
         return denoise(unet, x, context, sched, guidance=guidance, generator=g)
 
 
-def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), steps=COURSE_SAMPLING["steps"],
-                      guidance=COURSE_SAMPLING["guidance"], scheduler=COURSE_SAMPLING["sampler"]):
-    """Generate one image per (combination, seed) and let the judge read colour, shape and position.
+def judge_course_unet(unet, vae, contexts, prompts, judge, combos, seeds=(0,), steps=None, guidance=None,
+                      scheduler=None):
+    """Generate one image per (combination, seed) and let the judge read colour, shape and position
+    (sampling settings left None: `course_sampling()`'s).
 
     Returns (accuracy dict from `Judge.accuracy`, uint8 images, captions)."""
     import numpy as np
@@ -159,18 +174,18 @@ def cli_unet(argv):
                                 description="Train the course U-Net (chapter 9) on latents of the frozen course VAE, "
                                             "conditioned on the frozen course CLIP text encoder; write "
                                             "data/course_unet.safetensors and data/course_unet_log.json.")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--images", type=int, default=8000, help="size of the fixed pool of training images")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-snr", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient's global norm (e.g. 1)")
+    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (default 5; 0: plain MSE)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient's global norm (default 1; 0: off)")
     p.add_argument("--width", default=None, help="block channels, e.g. 48,96,96 (default 32,64,64)")
     p.add_argument("--vae", type=Path, default=None, help="VAE checkpoint (default data/course_vae.safetensors)")
     p.add_argument("--no-judge", action="store_true", help="skip the learned judge's evaluation; save the EMA")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--out", type=Path, default=DATA_DIR / "course_unet.safetensors")
     p.add_argument("--log", type=Path, default=None, help="loss log (default: OUT with _log.json)")
     args = p.parse_args(argv)
@@ -185,8 +200,8 @@ def cli_unet(argv):
         config = dataclasses.replace(config, block_channels=tuple(int(c) for c in args.width.split(",")))
     unet = UNet(config)
     unet, ema, log = train_unet_model(unet, latents, labels, contexts, prompts, args.steps, args.batch_size,
-                                      args.lr, ema_decay=args.ema_decay, seed=args.seed, min_snr=args.min_snr,
-                                      clip_grad=args.clip_grad)
+                                      args.lr, ema_decay=args.ema_decay, seed=args.seed, min_snr=args.min_snr or None,
+                                      clip_grad=args.clip_grad or None)
     wall, cpu = time.time() - t0, time.process_time() - c0
     if args.no_judge:
         save_course_unet(ema, args.out, {"command": command, "weights": "ema", "sampler": "ddim", "steps": "25",
@@ -199,13 +214,15 @@ def cli_unet(argv):
         return 0
     # the judge decides whether the moving average beats the last weights (same prompts, same noise)
     judge = Judge.load()
+    settings = {"steps": COURSE_SAMPLING["steps"], "guidance": COURSE_SAMPLING["guidance"],
+                "scheduler": COURSE_SAMPLING["sampler"]}
     train_combos = [c for c in data.combinations() if c not in data.HELD_OUT]
-    score = {name: judge_course_unet(model, vae, contexts, prompts, judge, train_combos, seeds=(100,))[0]
+    score = {name: judge_course_unet(model, vae, contexts, prompts, judge, train_combos, seeds=(100,), **settings)[0]
              for name, model in (("last", unet), ("ema", ema))}
     best = "ema" if score["ema"]["all"] >= score["last"]["all"] else "last"
     model = ema if best == "ema" else unet
-    seen = judge_course_unet(model, vae, contexts, prompts, judge, data.combinations(), seeds=(0, 1, 2))[0]
-    held = judge_course_unet(model, vae, contexts, prompts, judge, data.HELD_OUT, seeds=tuple(range(10)))[0]
+    seen = judge_course_unet(model, vae, contexts, prompts, judge, data.combinations(), seeds=(0, 1, 2), **settings)[0]
+    held = judge_course_unet(model, vae, contexts, prompts, judge, data.HELD_OUT, seeds=tuple(range(10)), **settings)[0]
     real_images, real_captions = data.sample(1000, seed=12345)
     real = judge.accuracy(real_images, real_captions)
     as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731

@@ -170,7 +170,7 @@ def cli_vae(argv):
     from ..paths import DATA_DIR
     p = argparse.ArgumentParser(prog="python -m minisd train vae",
                                 description="Train the course VAE (chapter 6) and write data/course_vae.safetensors.")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -179,8 +179,9 @@ def cli_vae(argv):
     p.add_argument("--out", default=None, help="checkpoint path (default data/course_vae.safetensors; "
                    "with --sweep, data/vae_fc_sweep.json)")
     p.add_argument("--fg-boost", type=float, default=4.0, help="extra L1 weight of shape pixels (default 4)")
-    p.add_argument("--saturate", action="store_true",
-                   help="one-sided L1 on black/full target pixels (the decoder may overshoot what is clamped)")
+    p.add_argument("--saturate", action=argparse.BooleanOptionalAction, default=True,
+                   help="one-sided L1 on black/full target pixels (the decoder may overshoot what is clamped; "
+                        "default on: it is what cleans the corners and the background, issue 16)")
     p.add_argument("--sweep", action="store_true", help="the f/c table instead: PSNR vs f and c, equal budgets")
     p.add_argument("--sweep-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1,
