@@ -101,20 +101,25 @@ def held_out_controls(n, seed=777):
     return silhouettes(images), truth, prompts
 
 
-def generate(unet, vae, contexts, prompts, index, controls=None, net=None, scale=1.0, steps=25, guidance=4.0, seed=0,
-             batch=100):
-    """uint8 images of `prompts` from the course U-Net (DDIM, guidance), with `net` following
-    `controls` (uint8 silhouettes) if given; the pipeline's own loop, `pipeline.denoise`."""
+def generate(unet, vae, contexts, prompts, index, controls=None, net=None, scale=1.0, steps=None, guidance=None,
+             seed=0, batch=100):
+    """uint8 images of `prompts` from the course U-Net, with `net` following `controls` (uint8
+    silhouettes) if given; the pipeline's own loop, `pipeline.denoise`, with the course model's
+    sampler and the given (default: its recommended) steps and guidance."""
     import numpy as np
     import torch
     from .. import data
     from ..pipeline import denoise
     from ..schedulers import make_scheduler
+    from .unet import course_sampling
+    settings = course_sampling()
+    steps = settings["steps"] if steps is None else steps
+    guidance = settings["guidance"] if guidance is None else guidance
     out = []
     for i in range(0, len(prompts), batch):
         part = prompts[i:i + batch]
         b = len(part)
-        sched = make_scheduler("ddim")
+        sched = make_scheduler(settings["sampler"])
         sched.set_timesteps(steps)
         g = torch.Generator().manual_seed(seed + i)
         size = unet.config.sample_size
@@ -168,7 +173,7 @@ def cli_controlnet(argv):
     from ..checkpoint import course_unet, save_checkpoint
     from ..controlnet import ControlNet
     from ..paths import DATA_DIR
-    from .unet import course_prompts, frozen_course_models
+    from .unet import course_prompts, course_sampling, frozen_course_models
     p = argparse.ArgumentParser(prog="python -m minisd train controlnet",
                                 description="Train a ControlNet on the frozen course U-Net (chapter 14) whose control "
                                             "image is the shape's silhouette; write data/course_controlnet.safetensors "
@@ -210,7 +215,7 @@ def cli_controlnet(argv):
                                       args.batch_size, args.lr, conflict=args.conflict, seed=args.seed, probe=probe)
     wall, cpu = time.time() - t0, time.process_time() - c0
     controls_e, truth_e, prompts_e = held_out_controls(args.eval)
-    evaluation = {"sampler": "ddim", "steps": 25, "guidance": 4.0, "controls": args.eval}
+    evaluation = {**course_sampling(), "controls": args.eval}
     for name, cn in (("controlnet", net), ("base", None)):
         imgs = generate(unet, vae, contexts, prompts_e, index, controls_e, cn)
         evaluation[name] = summarise(follow_scores(imgs, controls_e, truth_e, prompts_e))
