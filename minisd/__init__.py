@@ -16,6 +16,8 @@ from . import schedulers  # noqa: E402
 from . import vae  # noqa: E402
 from .vae import AutoencoderKL, VAEConfig  # noqa: E402
 from . import weights, checkpoint  # noqa: E402
+from . import controlnet  # noqa: E402
+from .controlnet import ControlNet, ControlNetConfig  # noqa: E402
 from . import pipeline  # noqa: E402
 from .pipeline import StableDiffusion  # noqa: E402
 from . import lora, metrics, textual_inversion  # noqa: E402

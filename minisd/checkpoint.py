@@ -17,12 +17,14 @@ from safetensors import safe_open
 
 from . import paths
 from .clip import CLIP, CLIPConfig
+from .controlnet import ControlNet, ControlNetConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import WeightsError, check_not_lfs_pointer, load_into, load_state_dict, save_file
 
 # The model classes a checkpoint can hold, by the name written in its metadata.
-MODELS = {"UNet": (UNet, UNetConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig), "CLIP": (CLIP, CLIPConfig)}
+MODELS = {"UNet": (UNet, UNetConfig), "AutoencoderKL": (AutoencoderKL, VAEConfig), "CLIP": (CLIP, CLIPConfig),
+          "ControlNet": (ControlNet, ControlNetConfig)}
 
 # The course model's three checkpoints in data/, and the command that makes each one.
 COURSE_FILES = {"vae": "course_vae.safetensors", "clip": "course_clip.safetensors", "unet": "course_unet.safetensors"}

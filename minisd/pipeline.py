@@ -24,21 +24,29 @@ from tqdm import tqdm
 
 from . import checkpoint, weights
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
+from .controlnet import check_fits
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
 from .tokenizer import EOS, CLIPTokenizer
 
 
-def denoise(unet, latents, context, sched, timesteps=None, guidance=None, generator=None, progress=False):
+def denoise(unet, latents, context, sched, timesteps=None, guidance=None, generator=None, progress=False,
+            control=()):
     """The sampling loop (chapter 10), shared by the pipeline and the trainers' evaluation.
 
     Per timestep one U-Net call and one sampler step. With `guidance` (classifier-free
     guidance), `context` is [uncond; cond] (2B, 77, D): the U-Net runs once on [x; x] and the
     noise is eps_u + guidance (eps_c - eps_u). With guidance=None, `context` is cond alone.
-    `timesteps` defaults to all of the sampler's (img2img starts part-way)."""
+    `timesteps` defaults to all of the sampler's (img2img starts part-way). `control`: (ControlNet,
+    hint as big a batch as the U-Net's, scale) triples (chapter 14), whose residuals are summed."""
     timesteps = sched.timesteps if timesteps is None else timesteps
     for t in tqdm(timesteps, disable=not progress, desc="sampling"):
         x = latents if guidance is None else torch.cat([latents, latents])
-        eps = unet(sched.scale_model_input(x, t), t, context)
+        x = sched.scale_model_input(x, t)
+        down = mid = None
+        for net, hint, scale in control:
+            d, m = net(x, t, context, hint, scale)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        eps = unet(x, t, context) if down is None else unet(x, t, context, down_residuals=down, mid_residual=mid)
         if guidance is not None:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -226,13 +234,18 @@ class StableDiffusion:
     # --- text to image --------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, steps=None, guidance=None,
-                 scheduler=None, seed=None, latents=None, output_type="pil", progress=True):
+                 scheduler=None, seed=None, latents=None, output_type="pil", progress=True, controlnet=None,
+                 control_image=None, controlnet_scale=1.0):
         """Text -> images: a list of PIL images ("pil"), a float array (N, H, W, 3) in [0, 1] ("np"),
         or the final latents ("latent"). `latents` (B, 4, H/8, W/8) replays a run from its initial
-        noise; `seed` fixes the noise (and a DDPM sampler's), the same on CPU and GPU."""
+        noise; `seed` fixes the noise (and a DDPM sampler's), the same on CPU and GPU.
+        `controlnet` (chapter 14): a ControlNet, or a list of them, with `control_image` (one image,
+        or one per prompt; a list of those for a list of ControlNets) resized to the output size, and
+        `controlnet_scale` (a number, or one per ControlNet)."""
         prompts, negatives, steps, guidance, sched = self._settings(prompt, negative_prompt, steps, guidance,
                                                                     scheduler)
         height, width = self._check_size(height, width)
+        control = self._control(controlnet, control_image, controlnet_scale, len(prompts), height, width, guidance)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         context = self._context(prompts, negatives, guidance)
         f = self.vae.config.factor
@@ -245,17 +258,20 @@ class StableDiffusion:
         sched.set_timesteps(steps)
         latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
         latents = denoise(self.unet, latents, context, sched, None, guidance if guidance > 1.0 else None,
-                          generator, progress)
+                          generator, progress, control)
         return self._output(latents, output_type)
 
     # --- image to image -------------------------------------------------------------------
     @torch.no_grad()
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", steps=None, guidance=None,
-                scheduler=None, seed=None, output_type="pil", progress=True):
+                scheduler=None, seed=None, output_type="pil", progress=True, controlnet=None, control_image=None,
+                controlnet_scale=1.0):
         """Edit an image (SDEdit): encode it, noise it to the timestep `strength` of the way up
         the chain, and run only the rest of the sampling loop from there, as diffusers'
         StableDiffusionImg2ImgPipeline. strength 0 returns the image, 1 ignores it.
-        `image`: a PIL image, a uint8 array (H, W, 3), or a float tensor (B, 3, H, W) in [0, 1]."""
+        `image`: a PIL image, a uint8 array (H, W, 3), or a float tensor (B, 3, H, W) in [0, 1].
+        `controlnet`, `control_image`, `controlnet_scale` as in a text-to-image call (the control
+        image is resized to `image`'s size)."""
         prompts, negatives, steps, guidance, sched = self._settings(prompt, negative_prompt, steps, guidance,
                                                                     scheduler)
         if not 0.0 <= strength <= 1.0:
@@ -266,6 +282,8 @@ class StableDiffusion:
         if len(pixels) != len(prompts):
             raise ValueError(f"{len(pixels)} images for {len(prompts)} prompts")
         self._check_size(pixels.shape[2], pixels.shape[3])
+        control = self._control(controlnet, control_image, controlnet_scale, len(prompts), pixels.shape[2],
+                                pixels.shape[3], guidance)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         context = self._context(prompts, negatives, guidance)
 
@@ -279,8 +297,45 @@ class StableDiffusion:
             return self._output(x0, output_type)
         latents = sched.add_noise(x0, self._noise(x0.shape, generator), timesteps[0])  # each sampler its own way
         latents = denoise(self.unet, latents, context, sched, timesteps, guidance if guidance > 1.0 else None,
-                          generator, progress)
+                          generator, progress, control)
         return self._output(latents, output_type)
+
+
+    # --- ControlNet (chapter 14) ----------------------------------------------------------------
+    def _control(self, controlnet, control_image, controlnet_scale, n, height, width, guidance):
+        """Check the ControlNet arguments before any work and return denoise's `control`: per
+        ControlNet (net, hint (n or 2n, C, height, width) in the pipeline's dtype, scale)."""
+        if controlnet is None:
+            if control_image is not None:
+                raise ValueError("control_image was given without controlnet=: load one with "
+                                 "minisd.ControlNet.from_pretrained(path) and pass it as controlnet=")
+            return ()
+        nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if control_image is None:
+            raise ValueError("controlnet= needs control_image= (the edge map, mask, pose... it follows)")
+        images = list(control_image) if len(nets) > 1 else [control_image]
+        scales = list(controlnet_scale) if isinstance(controlnet_scale, (list, tuple)) else [controlnet_scale] * len(nets)
+        if len(images) != len(nets) or len(scales) != len(nets):
+            raise ValueError(f"{len(nets)} ControlNets need one control_image and one controlnet_scale each; got "
+                             f"{len(images)} images and {len(scales)} scales")
+        control = []
+        for i, (net, image, scale) in enumerate(zip(nets, images, scales)):
+            name = "control_image" if len(nets) == 1 else f"control_image[{i}]"
+            label = "controlnet" if len(nets) == 1 else f"controlnet[{i}]"
+            check_fits(net, self.unet, label)
+            p = next(net.parameters())
+            if (p.device, p.dtype) != (self.device, self.dtype):
+                raise ValueError(f"{label} is {p.dtype} on {p.device} but the pipeline is {self.dtype} on {self.device}: "
+                                 "load it with ControlNet.from_pretrained(path, device=..., dtype=...) to match, or .to() it")
+            hint = _control_tensor(image, height, width, net.config.conditioning_channels, name)
+            if len(hint) == 1:
+                hint = hint.expand(n, -1, -1, -1)
+            if len(hint) != n:
+                raise ValueError(f"{name} holds {len(hint)} images for {n} prompt(s): give one image (used for every "
+                                 "prompt) or one per prompt")
+            hint = hint.to(self.device, self.dtype)
+            control.append((net, torch.cat([hint, hint]) if guidance > 1.0 else hint, float(scale)))
+        return control
 
 
 # --- the scheduler file (SD 2.x, issue 17): what configures the samplers of loaded weights ----------
@@ -355,6 +410,35 @@ def _to_tensor(image):
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"an image array must be uint8 (H, W, 3), got {array.shape} {array.dtype}")
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255  # (H, W, 3) -> (1, 3, H, W)
+
+
+def _control_tensor(image, height, width, channels, name):
+    """A control image -> float (B, C, height, width) in [0, 1], resized as diffusers' control image
+    processor does: a PIL image (or a uint8 array (H, W, C) / (B, H, W, C), or a list of them, made
+    PIL images) with Lanczos, a float tensor (B, C, H, W) in [0, 1] by nearest-neighbour."""
+    from PIL import Image
+    if isinstance(image, torch.Tensor):
+        pixels = image[None] if image.ndim == 3 else image
+        if pixels.ndim != 4 or pixels.shape[1] != channels or not pixels.is_floating_point():
+            raise ValueError(f"{name}: a tensor must be float (B, {channels}, H, W) in [0, 1], got "
+                             f"{tuple(image.shape)} {image.dtype}")
+        return torch.nn.functional.interpolate(pixels.float(), size=(height, width))
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        image = list(image)
+    pils = []
+    for im in image if isinstance(image, (list, tuple)) else [image]:
+        if not hasattr(im, "convert"):
+            array = np.asarray(im)
+            if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype != np.uint8:
+                raise ValueError(f"{name}: an array must be uint8 (H, W, 3), got {array.shape} {array.dtype} "
+                                 "(a float image: pass a torch tensor (B, 3, H, W) in [0, 1])")
+            im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        im = im.convert("RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
+        pils.append(np.asarray(im, dtype=np.float32) / 255)
+    if channels != 3:
+        raise ValueError(f"{name}: this ControlNet takes {channels}-channel control images; pass a float tensor "
+                         f"(B, {channels}, H, W)")
+    return torch.from_numpy(np.stack(pils)).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
 
 
 def main(argv=None):

@@ -248,6 +248,27 @@ class CrossAttnUpBlock(UpBlock):
         return x
 
 
+def down_blocks(c):
+    """The encoder of a U-Net with config `c`: one DownBlock or CrossAttnDownBlock per level
+    (also ControlNet's trainable copy, chapter 14)."""
+    ch, n, temb = c.block_channels, len(c.block_channels), 4 * c.block_channels[0]
+    attn = (c.linear_projection, c.upcast_attention)  # SD 2.x's two changes to every SpatialTransformer
+    blocks = nn.ModuleList()
+    for i in range(n):
+        args = (ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, i < n - 1)
+        if c.cross_attention[i]:
+            blocks.append(CrossAttnDownBlock(*args, c.heads[i], c.context_dim, c.groups, c.norm_eps, *attn))
+        else:
+            blocks.append(DownBlock(*args, c.groups, c.norm_eps))
+    return blocks
+
+
+def mid_block(c):
+    """The mid block of a U-Net with config `c` (also ControlNet's trainable copy)."""
+    return CrossAttnMidBlock(c.block_channels[-1], 4 * c.block_channels[0], c.heads[-1], c.context_dim, c.groups,
+                             c.norm_eps, c.linear_projection, c.upcast_attention)
+
+
 class UNet(nn.Module):
     """SD 1.x and 2.x's U-Net: predicts the noise (or v) in latents (B, 4, H, W) at timestep t
     given a text context (B, 77, 768; 1024 for SD 2.x). Any H and W: where a Downsample meets an odd size it rounds up, and
@@ -262,16 +283,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
 
-        self.down_blocks = nn.ModuleList()
-        for i in range(n):
-            args = (ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, i < n - 1)
-            if c.cross_attention[i]:
-                block = CrossAttnDownBlock(*args, c.heads[i], c.context_dim, c.groups, c.norm_eps, *attn)
-            else:
-                block = DownBlock(*args, c.groups, c.norm_eps)
-            self.down_blocks.append(block)
-
-        self.mid_block = CrossAttnMidBlock(ch[-1], temb, c.heads[-1], c.context_dim, c.groups, c.norm_eps, *attn)
+        self.down_blocks = down_blocks(c)
+        self.mid_block = mid_block(c)
 
         self.up_blocks = nn.ModuleList()
         up_ch, up_heads, up_attn = ch[::-1], c.heads[::-1], c.cross_attention[::-1]
@@ -286,7 +299,10 @@ class UNet(nn.Module):
 
         self.out = GSC(ch[0], c.out_channels, c.groups, c.norm_eps)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, down_residuals=None, mid_residual=None):
+        """`down_residuals` (one per skip, in order) and `mid_residual` are a ControlNet's outputs
+        (chapter 14): added to the skips and to the mid block's output, as diffusers'
+        down_block_additional_residuals / mid_block_additional_residual."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -299,7 +315,14 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             x, s = block(x, temb, context)
             skips += s
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for {len(skips)} skips: a ControlNet "
+                                 "for another U-Net architecture?")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         x = self.mid_block(x, temb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, temb, context)
         return self.out(x)

@@ -430,15 +430,16 @@ def _is_vae_attention(original_key):
     return re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", original_key) is not None
 
 
-def unet_config_from_original(sd, source):
+def unet_config_from_original(sd, source, encoder_only=False):
     """Infer a UNetConfig from the tensor shapes of an original U-Net state dict (prefix removed).
 
     Shapes do not store the number of attention heads or GroupNorm groups, nor the image size:
     SD 1.x uses 8 heads, 32 groups and 512 px; SD 2.x (recognised by its Linear proj_in) keeps
     every head 64 wide (`num_head_channels: 64` in its original config), sets upcast_attention
     (SD 2.1's; needed in float16, exact in float32) and works at 768 px (the -base models at 512:
-    see `pipeline.single_file_scheduler`)."""
-    for key in ("input_blocks.0.0.weight", "out.2.weight"):
+    see `pipeline.single_file_scheduler`). `encoder_only`: a ControlNet's copy, which has no
+    decoder (out_channels then = in_channels)."""
+    for key in ("input_blocks.0.0.weight",) + (() if encoder_only else ("out.2.weight",)):
         if key not in sd:
             raise WeightsError(f"{source}: no {UNET_PREFIX}{key}; the U-Net in this file is incomplete")
     if "label_emb.0.0.weight" in sd:
@@ -454,7 +455,8 @@ def unet_config_from_original(sd, source):
                 None)
     sd2 = proj is not None and proj.ndim == 2                                  # SD 2.x: Linear proj_in
     channels = tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first)
-    return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+    out_channels = sd["input_blocks.0.0.weight"].shape[1] if encoder_only else sd["out.2.weight"].shape[0]
+    return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=out_channels,
                       block_channels=channels,
                       cross_attention=tuple(f"input_blocks.{b}.1.proj_in.weight" in sd for b in first),
                       heads=tuple(max(1, c // 64) for c in channels) if sd2 else (8,) * levels,
@@ -513,6 +515,10 @@ def split_original(sd, source="state dict"):
         raise WeightsError(f"{source}: this looks like a LoRA file (keys such as "
                            f"{next(k for k in sd if 'lora' in k)!r}), not a full SD checkpoint: load the base "
                            "model with from_pretrained, then the LoRA with minisd.lora.load(pipe, path)")
+    if any(k.startswith(("control_model.", "input_hint_block.")) for k in sd):
+        raise WeightsError(f"{source}: this is a ControlNet file (control_model.* or input_hint_block.* keys), not an "
+                           "SD checkpoint: load the base model with StableDiffusion.from_pretrained(its own file), the "
+                           "ControlNet with minisd.ControlNet.from_pretrained(this file), and pass controlnet= to the pipeline")
     if any(k.startswith(SDXL_PREFIX) for k in sd):
         raise WeightsError(f"{source}: this is an SDXL file ({SDXL_PREFIX}* keys: two text encoders, a 2048-wide "
                            "context, size and crop conditioning); minisd loads SD 1.x and SD 2.x checkpoints only")
@@ -761,6 +767,10 @@ def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     if (folder / "text_encoder_2").exists():
         raise WeightsError(f"{folder} is an SDXL folder (it has text_encoder_2/: SDXL's second text encoder); "
                            "minisd loads SD 1.x and SD 2.x")
+    config = folder / "config.json"
+    if config.exists() and '"ControlNetModel"' in config.read_text():
+        raise WeightsError(f"{folder} is a diffusers ControlNet folder, not an SD pipeline: load it with "
+                           "minisd.ControlNet.from_pretrained and pass controlnet= to the pipeline")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a diffusers SD folder: {part}/config.json is missing "

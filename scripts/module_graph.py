@@ -18,10 +18,10 @@ LAYERS = [
     ("building blocks", {"minisd.paths", "minisd.data", "minisd.embeddings", "minisd.resnet", "minisd.attention",
                          "minisd.diffusion", "minisd.schedulers", "minisd.tokenizer", "minisd.losses"}),
     ("models", {"minisd.unet", "minisd.vae", "minisd.clip", "minisd.metrics"}),
-    ("weights", {"minisd.weights", "minisd.checkpoint", "minisd.lora", "minisd.textual_inversion"}),
+    ("weights", {"minisd.weights", "minisd.checkpoint", "minisd.lora", "minisd.textual_inversion", "minisd.controlnet"}),
     ("pipeline", {"minisd.pipeline"}),
     ("trainers and CLI", {"minisd", "minisd.train", "minisd.train.vae", "minisd.train.clip", "minisd.train.unet",
-                          "minisd.train.lora", "minisd.train.lora_folder", "minisd.train.ti", "minisd.benchmark", "minisd.evaluate",
+                          "minisd.train.lora", "minisd.train.lora_folder", "minisd.train.ti", "minisd.train.controlnet", "minisd.benchmark", "minisd.evaluate",
                           "minisd.__main__"}),
 ]
 
