@@ -12,6 +12,9 @@ import time
 
 import numpy as np
 
+from . import paths
+
+
 SEEDS = (9001, 9002, 9003, 9004)   # no chapter or training run uses these
 
 
@@ -141,7 +144,6 @@ def main(argv=None):
         "well_drawn": f"fraction of images with fidelity >= {WELL_DRAWN}",
         "intervals": "95 %: Wilson for rates, mean -+ 1.96 s / sqrt(n) for means"}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(table, f, indent=1)
+        paths.write_text(args.out, json.dumps(table, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -15,7 +15,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, weights
+from . import checkpoint, paths, weights
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
 from .tokenizer import EOS, CLIPTokenizer
@@ -450,14 +449,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # atomically: a temporary file beside the target, then renamed, so no half-written PNG is left
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    paths.write_atomically(out, image.save)  # a temporary file, then renamed: never a half-written image
     print(f"wrote {out} ({image.width}x{image.height})")
     return 0
 

@@ -11,14 +11,13 @@ wraps them. One table per format names what differs from diffusers (`UNET_NAMES`
 """
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from . import paths
 from .clip import CLIPTextConfig, CLIPTextEncoder
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -101,15 +100,8 @@ def save_file(tensors, path, metadata=None):
     """safetensors' save_file, written atomically: into a temporary file in the same folder,
     then renamed over `path`, so a crash or a full disk never leaves half a file behind."""
     from safetensors.torch import save_file as _save
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _save({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    paths.write_atomically(path, lambda tmp: _save(tensors, tmp, metadata=metadata))
 
 
 def load_into(model, state_dict, source="state dict"):
