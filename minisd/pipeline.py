@@ -351,7 +351,7 @@ def _prompt_list(prompt, name):
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         bad = prompts if not isinstance(prompts, (list, tuple)) else next(p for p in prompts if not isinstance(p, str))
-        raise TypeError(f"{name} must be a str or a list of str, got a {type(bad).__name__}")
+        raise TypeError(f"{name} must be a str or a list of str, got {bad!r:.40} ({type(bad).__name__})")
     return list(prompts)
 
 

@@ -91,8 +91,8 @@ def load_state_dict(path, device="cpu"):
         raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dict of tensors")
     bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor) and k != "global_step"), None)
     if bad is not None:
-        raise WeightsError(f"{path}: {bad!r} holds a {type(sd[bad]).__name__}, not a tensor: this is not a file of "
-                           "weights (a training state or another program's file?)")
+        raise WeightsError(f"{path}: {bad!r} is not a tensor but {type(sd[bad]).__name__} {sd[bad]!r:.40}: this is "
+                           "not a file of weights (a training state or another program's file?)")
     return sd
 
 
