@@ -172,9 +172,10 @@ class StableDiffusion:
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give negative_prompt "
                              "as one str, or a list as long as the prompts")
         steps = self.steps if steps is None else steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
                              "(20-50 is typical; the course model needs about 25)")
+        steps = int(steps)
         if guidance is not None:
             try:
                 guidance = float(guidance)
@@ -203,13 +204,13 @@ class StableDiffusion:
         width = self.unet.config.sample_size * self.vae.config.factor if width is None else width
         multiple = self.vae.config.factor
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % multiple:
-                finite = isinstance(size, (int, float)) and math.isfinite(size)
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0 or size % multiple:
+                finite = isinstance(size, numbers.Real) and math.isfinite(size)
                 fixed = max(multiple, round(size / multiple) * multiple) if finite else 8 * multiple
                 where = f"image of {height}x{width} pixels: its " if image else ""
                 raise ValueError(f"{where}{name}={size!r} is not a positive multiple of {multiple}: the VAE turns each "
                                  f"{multiple}x{multiple} block of pixels into one latent; use e.g. {name}={fixed}")
-        return height, width
+        return int(height), int(width)
 
     def _context(self, prompts, negatives, guidance):
         """[uncond, cond] text states for classifier-free guidance, or cond alone when g <= 1."""
@@ -367,7 +368,7 @@ def _generator(seed):
 
 
 def _check_output_type(output_type):
-    if output_type not in ("pil", "np", "latent"):
+    if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
         raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'latent'")
 
 

@@ -26,7 +26,7 @@ PACKAGE = Path(minisd.__file__).resolve().parent
 # --- the arguments: each a strategy mixing valid and invalid values ---------------------------
 junk = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(), st.text(max_size=4), st.binary(max_size=4),
                  st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
-                 st.just(object()), st.just(torch.zeros(2)))
+                 st.just(object()), st.just(torch.zeros(2)), st.just(np.zeros(2)), st.integers(1, 12).map(np.int64))
 prompts = st.one_of(st.text(max_size=30), st.lists(st.text(max_size=12), max_size=3),
                     st.tuples(st.text(max_size=5)), st.lists(st.one_of(st.text(max_size=3), junk), max_size=2), junk)
 sizes = st.one_of(st.none(), st.integers(-16, 40), st.sampled_from([8, 16, 24, 32]),
