@@ -33,6 +33,7 @@
 
 # %%
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -113,6 +114,9 @@ show("prompts")
 
 # %%
 show("devices")
+scratch = Path.cwd()
+os.chdir(Path(minisd.__file__).resolve().parent.parent / "book")   # back, and the scratch files away
+shutil.rmtree(scratch)
 
 # %% [markdown]
 # ## Beyond the table: property-based tests
