@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import weights
+from . import paths, weights
 from .clip import CLIPTextConfig
 from .pipeline import StableDiffusion
 from .tokenizer import CLIPTokenizer
@@ -329,5 +329,5 @@ def main(argv=None):
     result = COMPONENTS[args.component](args.device, args.dtype, sizes, args.repeats, tiny=args.tiny,
                                         keep_memory=args.keep_freed_memory, **extra)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        paths.write_text(args.json, json.dumps(result, indent=1))
     return 0

@@ -72,8 +72,12 @@ def load_checkpoint(path):
     device and filled with the file's tensors."""
     meta = checkpoint_metadata(path)
     cls, config_cls = MODELS[meta["model"]]
-    with torch.device("meta"):
-        model = cls(config_cls.from_json(meta["config"]))
+    try:
+        with torch.device("meta"):
+            model = cls(config_cls.from_json(meta["config"]))
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # JSON, fields, or sizes no layer takes
+        raise WeightsError(f"{path}: the {meta['model']} config in its metadata cannot be used ({type(e).__name__}: "
+                           f"{e}); the file is corrupt or was not written by save_checkpoint: make it again") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
     return load_into(model, sd, str(path)).eval()
 

@@ -8,10 +8,12 @@ each row gives every figure with its 95 % interval (`metrics.summarise_fidelity`
 judge's accuracy is given beside it for comparison.
 """
 import json
-import os
 import time
 
 import numpy as np
+
+from . import paths
+
 
 SEEDS = (9001, 9002, 9003, 9004)   # no chapter or training run uses these
 
@@ -169,8 +171,6 @@ def main(argv=None):
         table["chosen_default"] = {**sampling, "criterion": DEFAULT_CRITERION}
         print(f"default sampling of {path}: {sampling} ({DEFAULT_CRITERION})")
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        paths.write_text(args.out, json.dumps(table, indent=1))
         print(f"wrote {args.out}")
     return 0

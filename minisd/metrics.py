@@ -284,8 +284,8 @@ class Judge:
     def save(self, path):
         import json
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path),
-                  metadata={"shapes": json.dumps(list(self.shapes))})
+        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items()}
+        paths.write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"shapes": json.dumps(list(self.shapes))}))
 
     def __call__(self, images):
         rgb = np.asarray(images)

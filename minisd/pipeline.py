@@ -12,9 +12,9 @@ latents / scaling_factor and the image is mapped from [-1, 1] to [0, 1].
 import argparse
 import json
 import math
+import numbers
 import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, weights
+from . import checkpoint, paths, weights
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
 from .controlnet import check_fits
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
@@ -92,8 +92,7 @@ class StableDiffusion:
         ("epsilon" or "v_prediction") overrides what the files say. Tensors go straight to
         `device` and `dtype`; in float16 the VAE stays in float32 (cheap next to the U-Net, and safe
         for a VAE whose activations exceed float16, as SDXL's do; chapter 11)."""
-        device = torch.device(device)
-        _check_device_dtype(device, dtype)
+        device = _check_device_dtype(device, dtype)
         if prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"prediction_type={prediction_type!r}: use 'epsilon' (SD 1.x, SD 2.x-base) or "
                              "'v_prediction' (SD 2.x at 768 px), or leave it None to follow the files")
@@ -105,7 +104,10 @@ class StableDiffusion:
             config, name, pad = folder_scheduler(path)  # a bad scheduler file is refused before the weights load
             pipe = cls(*weights.from_diffusers_folder(path, device=device, dtype=dtype))
             if pad is not None:
-                pipe.tokenizer = CLIPTokenizer.sd15(pad=pad)
+                try:
+                    pipe.tokenizer = CLIPTokenizer.sd15(pad=pad)
+                except ValueError as e:
+                    raise weights.WeightsError(f"{path / 'tokenizer'}: {e}") from None
         else:
             sd = weights.load_state_dict(path, device)
             pipe = cls(*weights.from_original(sd, source=str(path), device=device, dtype=dtype))
@@ -124,8 +126,7 @@ class StableDiffusion:
         guidance: a choice, which chapters 10 and 12 measure against others) are read from the
         U-Net checkpoint's metadata. `dtype` as in `from_pretrained` (the VAE stays in float32
         under float16)."""
-        device = torch.device(device)
-        _check_device_dtype(device, dtype)
+        device = _check_device_dtype(device, dtype)
         files = {part: checkpoint.course_path(part) for part in checkpoint.COURSE_FILES}
         vae = checkpoint.course_vae(files["vae"]).to(device, torch.float32 if dtype == torch.float16 else dtype)
         text_encoder = checkpoint.course_text_encoder(files["clip"]).to(device, dtype)
@@ -168,18 +169,21 @@ class StableDiffusion:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def _settings(self, prompt, negative_prompt, steps, guidance, scheduler):
-        """Check the per-call options and fill in the model's defaults."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompt must be a str or a non-empty list of str")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        """Check the per-call options and fill in the model's defaults: every one is checked here,
+        before any work, and a bad one is named in a ValueError or TypeError."""
+        prompts = _prompt_list(prompt, "prompt")
+        if not prompts:
+            raise ValueError("prompt=[]: give a str, or a non-empty list of str")
+        negatives = (_prompt_list(negative_prompt, "negative_prompt") if not isinstance(negative_prompt, str)
+                     else [negative_prompt] * len(prompts))
         if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one str, "
-                             "or a list as long as the prompts")
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give negative_prompt "
+                             "as one str, or a list as long as the prompts")
         steps = self.steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
                              "(20-50 is typical; the course model needs about 25)")
+        steps = int(steps)
         if guidance is not None:
             try:
                 guidance = float(guidance)
@@ -190,24 +194,31 @@ class StableDiffusion:
                                  "(1 or less turns guidance off; 4-8 is typical)")
         guidance = self.guidance if guidance is None else guidance
         scheduler = self.scheduler if scheduler is None else scheduler
-        if isinstance(scheduler, Scheduler):       # a sampler object, e.g. schedulers.PNDM(order=2)
-            return prompts, negatives, steps, guidance, scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}, "
-                             "or pass a minisd.schedulers sampler object")
-        return prompts, negatives, steps, guidance, make_scheduler(scheduler, self.scheduler_config)
+        if not isinstance(scheduler, Scheduler):   # else a sampler object, e.g. schedulers.PNDM(order=2)
+            if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULERS)}, "
+                                 "or pass a minisd.schedulers sampler object")
+            scheduler = make_scheduler(scheduler, self.scheduler_config)
+        try:
+            scheduler.set_timesteps(steps)       # a sampler refuses more steps than it has timesteps
+        except ValueError as e:
+            raise ValueError(f"steps={steps}: {e}") from None
+        return prompts, negatives, steps, guidance, scheduler
 
-    def _check_size(self, height, width):
-        """Pixels must divide cleanly by the VAE's factor (8 for SD); the U-Net takes any latent size."""
+    def _check_size(self, height, width, image=False):
+        """Pixels must divide cleanly by the VAE's factor (8 for SD); the U-Net takes any latent size.
+        `image`: the sizes are those of img2img's image (the message then names it)."""
         height = self.unet.config.sample_size * self.vae.config.factor if height is None else height
         width = self.unet.config.sample_size * self.vae.config.factor if width is None else width
         multiple = self.vae.config.factor
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size <= 0 or size % multiple:
-                fixed = max(multiple, round(size / multiple) * multiple) if isinstance(size, (int, float)) else 512
-                raise ValueError(f"{name}={size!r} is not a positive multiple of {multiple}: the VAE turns each "
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0 or size % multiple:
+                finite = isinstance(size, numbers.Real) and math.isfinite(size)
+                fixed = max(multiple, round(size / multiple) * multiple) if finite else 8 * multiple
+                where = f"image of {height}x{width} pixels: its " if image else ""
+                raise ValueError(f"{where}{name}={size!r} is not a positive multiple of {multiple}: the VAE turns each "
                                  f"{multiple}x{multiple} block of pixels into one latent; use e.g. {name}={fixed}")
-        return height, width
+        return int(height), int(width)
 
     def _context(self, prompts, negatives, guidance):
         """[uncond, cond] text states for classifier-free guidance, or cond alone when g <= 1."""
@@ -219,8 +230,6 @@ class StableDiffusion:
     def _output(self, latents, output_type):
         if output_type == "latent":
             return latents
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'latent'")
         images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()  # (B, 3, H, W) -> (B, H, W, 3)
         if output_type == "np":
             return images
@@ -246,16 +255,18 @@ class StableDiffusion:
                                                                     scheduler)
         height, width = self._check_size(height, width)
         control = self._control(controlnet, control_image, controlnet_scale, len(prompts), height, width, guidance)
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        context = self._context(prompts, negatives, guidance)
+        generator = _generator(seed)
+        _check_output_type(output_type)
         f = self.vae.config.factor
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = self._noise(shape, generator)
-        elif tuple(latents.shape) != shape:
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents is a {type(latents).__name__}: pass a tensor of shape {shape}, or None")
+        if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)} but {len(prompts)} prompt(s) at "
                              f"{height}x{width} need {shape}")
-        sched.set_timesteps(steps)
+        context = self._context(prompts, negatives, guidance)
+        if latents is None:
+            latents = self._noise(shape, generator)
         latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
         latents = denoise(self.unet, latents, context, sched, None, guidance if guidance > 1.0 else None,
                           generator, progress, control)
@@ -274,20 +285,20 @@ class StableDiffusion:
         image is resized to `image`'s size)."""
         prompts, negatives, steps, guidance, sched = self._settings(prompt, negative_prompt, steps, guidance,
                                                                     scheduler)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength}: it must be in [0, 1] (0 keeps the image, 1 ignores it)")
+        if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r}: it must be a number in [0, 1] (0 keeps the image, 1 ignores it)")
         pixels = _to_tensor(image)
         if len(pixels) == 1 and len(prompts) > 1:
             pixels = pixels.expand(len(prompts), -1, -1, -1)
         if len(pixels) != len(prompts):
             raise ValueError(f"{len(pixels)} images for {len(prompts)} prompts")
-        self._check_size(pixels.shape[2], pixels.shape[3])
+        self._check_size(pixels.shape[2], pixels.shape[3], image=True)
         control = self._control(controlnet, control_image, controlnet_scale, len(prompts), pixels.shape[2],
                                 pixels.shape[3], guidance)
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = _generator(seed)
+        _check_output_type(output_type)
         context = self._context(prompts, negatives, guidance)
 
-        sched.set_timesteps(steps)
         start = steps - min(int(steps * strength), steps)           # steps skipped at the noisy end
         timesteps = sched.timesteps[start:]
         vae_dtype = next(self.vae.parameters()).dtype
@@ -354,15 +365,25 @@ def folder_scheduler(folder):
     file = folder / "scheduler" / "scheduler_config.json"
     config, name = SchedulerConfig.sd15(), "pndm"
     if file.exists():
-        d = json.loads(file.read_text())
-        config = SchedulerConfig.from_dict(d, source=str(file))
+        d = weights.read_json(file)
+        if not isinstance(d, dict):
+            raise weights.WeightsError(f"{file} holds a JSON {type(d).__name__}, not a scheduler config")
+        try:
+            config = SchedulerConfig.from_dict(d, source=str(file))
+        except weights.WeightsError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            raise weights.WeightsError(f"{file}: not a usable scheduler config ({type(e).__name__}: {e})") from e
         name = DIFFUSERS_SCHEDULERS.get(d.get("_class_name"), "pndm" if config.prediction_type == "epsilon" else "ddim")
     pad = None
     for part in ("special_tokens_map.json", "tokenizer_config.json"):
         tokens = folder / "tokenizer" / part
-        if tokens.exists() and json.loads(tokens.read_text()).get("pad_token") is not None:
-            pad = json.loads(tokens.read_text())["pad_token"]
+        d = weights.read_json(tokens) if tokens.exists() else {}
+        if isinstance(d, dict) and d.get("pad_token") is not None:
+            pad = d["pad_token"]
             pad = pad.get("content") if isinstance(pad, dict) else pad  # {"content": "!", ...} in older files
+            if not isinstance(pad, str):
+                raise weights.WeightsError(f"{tokens}: pad_token {pad!r} is not a token")
             break
     return config, name, pad if pad != EOS else None
 
@@ -381,8 +402,46 @@ def single_file_scheduler(unet_config, global_step=None, prediction_type=None):
     return replace(SchedulerConfig.sd21(), prediction_type=prediction_type), "ddim"
 
 
+def _prompt_list(prompt, name):
+    """A str or a list/tuple of str -> a list of str; anything else is a TypeError naming `name`."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        bad = prompts if not isinstance(prompts, (list, tuple)) else next(p for p in prompts if not isinstance(p, str))
+        raise TypeError(f"{name} must be a str or a list of str, got {bad!r:.40} ({type(bad).__name__})")
+    return list(prompts)
+
+
+def _generator(seed):
+    """A CPU generator seeded with `seed` (None: unseeded): an int in torch's range, checked."""
+    if seed is None:
+        return None
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed={seed!r}: the seed must be an int (or None for fresh noise)")
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed}: the seed must fit in 64 bits (-2**63 <= seed < 2**64)")
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _check_output_type(output_type):
+    if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'latent'")
+
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
 def _check_device_dtype(device, dtype):
-    """Refuse, before any work, a device this torch cannot use and a dtype the device cannot run."""
+    """Refuse, before any work, a device this torch cannot use and a dtype the device cannot run;
+    the device as a torch.device."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device={device!r}: give a str such as 'cpu', 'cuda', 'cuda:1' or 'mps', or a torch.device")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device torch knows: use 'cpu', 'cuda' (or 'cuda:N') "
+                         "or 'mps'") from None
+    if device.type not in DEVICES:
+        raise ValueError(f"device={str(device)!r}: minisd runs on {', '.join(map(repr, DEVICES))}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA GPU (torch {torch.__version__}, "
                          f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'without CUDA'}): "
@@ -391,11 +450,12 @@ def _check_device_dtype(device, dtype):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={str(device)!r}, but MPS (Apple's GPU backend) is not available here: "
                          "use device='cpu'")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype}: use torch.float32, torch.float16 (CUDA) or torch.bfloat16")
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("float16 on the CPU is not supported (many CPU kernels lack it, and it is slower than "
                          "float32 there): use dtype=torch.float32 (or torch.bfloat16) on the CPU, or device='cuda'")
+    return device
 
 
 def _to_tensor(image):
@@ -474,14 +534,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # atomically: a temporary file beside the target, then renamed, so no half-written PNG is left
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    paths.write_atomically(out, image.save)  # a temporary file, then renamed: never a half-written image
     print(f"wrote {out} ({image.width}x{image.height})")
     return 0
 

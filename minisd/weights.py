@@ -11,14 +11,13 @@ wraps them. One table per format names what differs from diffusers (`UNET_NAMES`
 """
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from . import paths
 from .clip import CLIPTextConfig, CLIPTextEncoder
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -26,6 +25,19 @@ from .vae import AutoencoderKL, VAEConfig
 
 class WeightsError(ValueError):
     """A weight file that cannot be used: the message says which file, which key, and why."""
+
+
+class MissingPartError(WeightsError, FileNotFoundError):
+    """A file that a weights folder must hold is not there (also a FileNotFoundError)."""
+
+
+def read_json(path):
+    """A JSON file of a weights folder (config.json, an index...), or a WeightsError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); it may be truncated or corrupt: "
+                           "download it again") from None
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -71,9 +83,16 @@ def load_state_dict(path, device="cpu"):
                        "corrupt: download it again, or use a .safetensors version of the file")
         raise WeightsError(f"{path} could not be read as a file of tensors ({reason})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]  # Lightning-style checkpoints (the original SD .ckpt files)
+        # Lightning-style checkpoints (the original SD .ckpt files); the training step they record
+        # beside the state dict is kept (single_file_scheduler reads it for SD 2.x)
+        step = {"global_step": sd["global_step"]} if isinstance(sd.get("global_step"), int) else {}
+        sd = {**sd["state_dict"], **step}
     if not isinstance(sd, dict):
         raise WeightsError(f"{path} holds a {type(sd).__name__}, not a dict of tensors")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor) and k != "global_step"), None)
+    if bad is not None:
+        raise WeightsError(f"{path}: {bad!r} is not a tensor but {type(sd[bad]).__name__} {sd[bad]!r:.40}: this is "
+                           "not a file of weights (a training state or another program's file?)")
     return sd
 
 
@@ -81,15 +100,8 @@ def save_file(tensors, path, metadata=None):
     """safetensors' save_file, written atomically: into a temporary file in the same folder,
     then renamed over `path`, so a crash or a full disk never leaves half a file behind."""
     from safetensors.torch import save_file as _save
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _save({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    paths.write_atomically(path, lambda tmp: _save(tensors, tmp, metadata=metadata))
 
 
 def load_into(model, state_dict, source="state dict"):
@@ -561,6 +573,17 @@ class Components(NamedTuple):
     text_encoder: CLIPTextEncoder
 
 
+def check_widths(components, source):
+    """The U-Net's cross-attention must read the text encoder's width (768 in SD 1.x, 1024 in SD 2.x):
+    parts of two model families are refused here rather than inside the first U-Net call."""
+    unet_width, text_width = components.unet.config.context_dim, components.text_encoder.config.width
+    if unet_width != text_width:
+        raise WeightsError(f"{source}: the U-Net's cross-attention reads {unet_width}-wide text states but the text "
+                           f"encoder gives {text_width}-wide ones: parts of two different models (SD 1.x's CLIP is "
+                           "768 wide, SD 2.x's OpenCLIP 1024); take all parts from one model")
+    return components
+
+
 def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
     """The Components of an original single-file state dict (chapter 11), configs inferred
     from the tensor shapes, built on the meta device and filled with the file's tensors."""
@@ -577,7 +600,7 @@ def from_original(sd, source="state dict", device="cpu", dtype=torch.float32):
         text_encoder = text_encoder_from_openclip(text_sd, source, device, dtype)
     else:
         text_encoder = text_encoder_from_original(text_sd, source, device, dtype)
-    return Components(unet, vae, text_encoder)
+    return check_widths(Components(unet, vae, text_encoder), source)
 
 
 def to_original(pipe):
@@ -711,9 +734,12 @@ def _component_file(folder, names):
             return folder / name
         index = folder / f"{name}.index.json"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{index} has no 'weight_map' of shard files: it may be corrupt")
+            shards = sorted(set(map(str, weight_map.values())))
             return {k: v for shard in shards for k, v in load_state_dict(folder / shard).items()}
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {names} (or its .index.json and shards)")
+    raise MissingPartError(f"no weights in {folder}: expected one of {names} (or its .index.json and shards)")
 
 
 _WEIGHT_FILES = {
@@ -732,7 +758,7 @@ def _part_folder(folder, part):
         return folder / part
     if (folder / "config.json").exists():
         return folder
-    raise FileNotFoundError(f"no config.json in {folder} nor in {folder / part}: pass a diffusers {part}/ folder "
+    raise MissingPartError(f"no config.json in {folder} nor in {folder / part}: pass a diffusers {part}/ folder "
                             "or the pipeline folder that holds it")
 
 
@@ -743,15 +769,18 @@ def load_part(folder, part):
     a sharded part (`NAME.index.json` and its shards) is merged into one state dict."""
     folder = _part_folder(folder, part)
     weights = _component_file(folder, _WEIGHT_FILES[part])
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise WeightsError(f"{folder / 'config.json'} holds a JSON {type(config).__name__}, not a config object")
     try:
         if part == "unet":
             return UNetConfig.from_diffusers(config), weights
         if part == "vae":
             return VAEConfig.from_diffusers(config), weights
         return _text_config_from_transformers(config), weights
-    except ValueError as e:
-        raise WeightsError(f"{folder}: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: not a usable {part} config ({type(e).__name__}: {e}); is "
+                           f"this {part}/ folder holding another part's files?") from e
 
 
 def load_unet_folder(folder):
@@ -773,11 +802,12 @@ def from_diffusers_folder(folder, device="cpu", dtype=torch.float32):
                            "minisd.ControlNet.from_pretrained and pass controlnet= to the pipeline")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").exists():
-            raise FileNotFoundError(f"{folder} is not a diffusers SD folder: {part}/config.json is missing "
+            raise MissingPartError(f"{folder} is not a diffusers SD folder: {folder / part / 'config.json'} is missing "
                                     "(expected unet/, vae/ and text_encoder/, each with config.json and weights)")
     (unet_config, unet), (vae_config, vae), (text_config, text) = (
         load_part(folder / part, part) for part in ("unet", "vae", "text_encoder"))
-    return from_diffusers(unet, vae, text, unet_config, vae_config, text_config, device, dtype)
+    components = from_diffusers(unet, vae, text, unet_config, vae_config, text_config, device, dtype)
+    return check_widths(components, f"{folder / 'unet' / 'config.json'} and {folder / 'text_encoder' / 'config.json'}")
 
 
 # --- random weights (tests, benchmarks, the book) -------------------------------------------------

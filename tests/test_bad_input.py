@@ -122,3 +122,25 @@ def test_cli_writes_atomically(tmp_path, capsys):
     assert out.exists() and [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left
     from PIL import Image
     assert Image.open(out).size == (32, 32)
+
+
+# --- every case of the appendix page's table (tests/bad_input_cases.py) ------------------------------
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import minisd  # noqa: E402
+from bad_input_cases import CASES, run  # noqa: E402
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['group']}: {c['input'][:50]}" for c in CASES])
+def test_every_bad_input_of_the_appendix(tmp_path, course, case):
+    if case.get("unless") and eval(case["unless"], {"torch": torch}):
+        pytest.skip(f"not a bad input on this machine ({case['unless']})")
+    kind, message, error = run(case, tmp_path, course)
+    assert kind == case["raises"], f"{case['call']}: {kind}: {message}"
+    for words in case["words"]:
+        assert words in message, f"{case['call']}: {words!r} not in {message!r}"
+    assert "Traceback" not in message and "weights_only=False" not in message
+    if error is not None:  # raised by minisd itself, not from deeper (torch, safetensors, pickle)
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        assert Path(frame.filename).resolve().is_relative_to(Path(minisd.__file__).resolve().parent), frame

@@ -1,5 +1,6 @@
 """The course LoRA (chapter 13): `python -m minisd train lora --concept bar`, its evaluation and
 rank sweep."""
+from .. import paths
 from ..lora import TARGETS as LORA_TARGETS
 from .unet import course_prompts, course_sampling, frozen_course_models, judge_course_unet, warmup_cosine
 
@@ -312,7 +313,7 @@ def _cli_lora_course(args, argv):
                           "(DDIM 25, guidance 4)",
                   "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
                   "rank_sweep": rows}
-        log_path.write_text(json.dumps(record, indent=1))
+        paths.write_text(log_path, json.dumps(record, indent=1))
         print(f"wrote {log_path} ({record['cpu_seconds']:.0f} s CPU)")
         return 0
     out = Path(args.out) if args.out else paths.DATA_DIR / f"course_lora_{args.concept}.safetensors"
@@ -364,7 +365,7 @@ def _cli_lora_course(args, argv):
                                      f"judged on {n_combos} new combinations x 3 seeds and 90 old x 1 seed")
         record["rank_sweep"] = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed,
                                                seeds=sweep_seeds, **sweep_kwargs)
-    log_path.write_text(json.dumps(record, indent=1))
+    paths.write_text(log_path, json.dumps(record, indent=1))
     print(json.dumps(evaluation, indent=1))
     print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {out} "
           f"({sizes['lora_bytes']:,d} bytes, {100 * sizes['ratio']:.2f} % of the U-Net's file) and {log_path}")

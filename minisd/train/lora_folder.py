@@ -1,5 +1,6 @@
 """LoRA on real SD 1.x weights and a folder of captioned images (chapter 13):
 `python -m minisd train lora --weights PATH --images DIR`, under torchrun too."""
+from .. import paths
 from ..lora import TARGETS as LORA_TARGETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -126,7 +127,6 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
     `max_steps_this_run` stops early (a planned interruption). Returns (unet, text_encoder, log);
     the final LoRA goes to `out` (default OUTPUT_DIR/lora.safetensors) with lora.save.
     """
-    import os
     import random
     import time
     from pathlib import Path
@@ -225,9 +225,7 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "numpy": _numpy_rng_state()},
                  "log": log}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)   # a kill while writing leaves the previous checkpoint whole
+        paths.write_atomically(ckpt_path, lambda tmp: torch.save(state, tmp))  # a kill mid-write keeps the last one
 
     sampler = torch.utils.data.DistributedSampler(range(len(items)), num_replicas=world, rank=rank_id, shuffle=True,
                                                   seed=seed, drop_last=True)
@@ -279,7 +277,7 @@ def train_lora_folder(weights_path, images_dir, output_dir, rank=4, alpha=None, 
         out.parent.mkdir(parents=True, exist_ok=True)
         lora.save(pipe if train_text_encoder else unet, out)
         import json
-        (output_dir / "log.json").write_text(json.dumps({
+        paths.write_text(output_dir / "log.json", json.dumps({
             "command": command, **meta, "lr": lr, "mixed_precision": mixed_precision, "device": str(device),
             "train_wall_seconds_last_run": round(time.time() - t0, 1),
             "train_cpu_seconds_last_run": round(time.process_time() - c0, 1), "lora_file": str(out),

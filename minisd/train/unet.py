@@ -1,6 +1,9 @@
 """Training the course U-Net (chapter 9): `python -m minisd train unet`, sampling and judging it."""
 import math
 
+from .. import paths
+
+
 def course_unet_config(context_dim):
     """The course U-Net (chapter 9): SD's U-Net code with small numbers, for 4x8x8 latents.
 
@@ -208,7 +211,7 @@ def cli_unet(argv):
                                          "guidance": "4.0", "train_wall_seconds": f"{wall:.0f}",
                                          "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
         log_path = args.log or args.out.with_name(args.out.stem + "_log.json")
-        log_path.write_text(json.dumps({"command": command, "train_wall_seconds": round(wall),
+        paths.write_text(log_path, json.dumps({"command": command, "train_wall_seconds": round(wall),
                                         "train_cpu_seconds": round(cpu), "loss": [round(v, 5) for v in log["loss"]]}))
         print(f"trained in {wall:.0f} s wall ({cpu:.0f} s CPU); wrote {args.out} (ema weights)")
         return 0
@@ -234,7 +237,7 @@ def cli_unet(argv):
                     metadata={"command": command, "weights": best, "train_wall_seconds": f"{wall:.0f}",
                               "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
     log_path = args.log or args.out.with_name(args.out.stem + "_log.json")
-    log_path.write_text(json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
+    paths.write_text(log_path, json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
                                     "lr": args.lr, "images": args.images, "ema_decay": args.ema_decay,
                                     "train_wall_seconds": round(wall), "train_cpu_seconds": round(cpu),
                                     "threads": args.threads, "evaluation": evaluation,

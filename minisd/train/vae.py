@@ -2,6 +2,9 @@
 import dataclasses
 import math
 
+from .. import paths
+
+
 def train_vae_model(config=None, steps=1500, batch_size=16, lr=3e-3, seed=0, l1_weight=1.0, fg_boost=4.0,
                     perceptual_weight=0.5, kl_weight=1e-6, disc_start=None, disc_weight=0.5,
                     vq_codes=None, logvar_init=-6.0, n_train=20000, log_every=25, progress=True,
@@ -194,9 +197,8 @@ def cli_vae(argv):
         out = args.out or DATA_DIR / "vae_fc_sweep.json"
         t0 = time.time()
         rows = vae_sweep(steps=args.sweep_steps, seed=args.seed)
-        with open(out, "w") as f:
-            json.dump({"command": command, "steps": args.sweep_steps, "batch_size": 8,
-                       "objective": "foreground-weighted L1 + 1e-6 KL", "rows": rows}, f, indent=1)
+        paths.write_text(out, json.dumps({"command": command, "steps": args.sweep_steps, "batch_size": 8,
+                                          "objective": "foreground-weighted L1 + 1e-6 KL", "rows": rows}, indent=1))
         print(f"wrote {out} ({time.time() - t0:.0f} s)")
         return 0
     out = args.out or DATA_DIR / "course_vae.safetensors"
