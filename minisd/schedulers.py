@@ -14,7 +14,8 @@ reads them (chapter 11). The default, `SchedulerConfig.sd15()`, is SD 1.5's orig
 scaled-linear schedule of `minisd.diffusion`, `steps_offset=1`, `set_alpha_to_one=False`,
 epsilon prediction, no clipping. That file names no `timestep_spacing`, so each sampler keeps
 its diffusers class's own default: "leading" for DDPM, DDIM and PNDM (981, 961, ..., 1 for 50
-steps), "linspace" for Euler and DPM-Solver++ (999 ... 0 and 999 ... 20).
+steps), "linspace" for Euler and DPM-Solver++ (999 ... 0 and 999 ... 20). LCM (chapter 15) takes
+its timesteps from the 50-point distillation schedule (999, 979, ..., 19) whatever the spacing.
 """
 import json
 import math

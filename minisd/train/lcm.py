@@ -108,7 +108,7 @@ def distill_lcm(teacher, latents, labels, contexts, prompts, guidance, steps=120
 
 # --- measuring: few steps against the teacher ---------------------------------------------------
 
-def _generate(unet, vae, contexts, prompts, captions, scheduler, steps, guidance, seed):
+def generate_images(unet, vae, contexts, prompts, captions, scheduler, steps, guidance, seed):
     """uint8 images for `captions` from one seed's noise: the pipeline's loop (pipeline.denoise)."""
     from .. import data
     from ..pipeline import denoise
@@ -151,7 +151,7 @@ def evaluate_few_step(student, teacher, vae, contexts, prompts, teacher_sampling
     for i, seed in enumerate(seeds):
         for k, (unet, sched, n, g) in configs.items():
             t0 = time.perf_counter()
-            images[k].append(_generate(unet, vae, contexts, prompts, captions, sched, n, g, seed))
+            images[k].append(generate_images(unet, vae, contexts, prompts, captions, sched, n, g, seed))
             seconds[k] += time.perf_counter() - t0
         if progress and i % 6 == 0:
             print(f"seed {i + 1}/{len(seeds)}", flush=True)
