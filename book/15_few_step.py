@@ -157,8 +157,9 @@ assert torch.allclose(jump, same, atol=1e-5) and gap < 0.1
 # trajectories while seeing only the prompt: at sampling time one call per step, no
 # unconditional pass. That halves the cost again, on top of the fewer steps.
 #
-# LCM feeds $w$ to the student as an extra embedding (like the time embedding) and samples
-# $w \in [2, 14]$ during training, so that the user keeps a guidance knob. This chapter folds in
+# LCM feeds $w$ to the student as an extra embedding (like the time embedding) and draws a new
+# $w$ for every sample during training (diffusers' recipe: uniform in $[3, 15]$ in this book's
+# convention $\epsilon_u + w(\epsilon_c - \epsilon_u)$), so that the user keeps a guidance knob. This chapter folds in
 # **one fixed $w$**, the course model's own guidance (stored in its checkpoint). The reasons: the
 # course has one recommended guidance, chosen by measurement (chapter 12), so a knob buys
 # little; an embedding adds an input the course U-Net does not have, so the student would no

@@ -363,3 +363,17 @@ def test_lcm_is_stochastic_between_steps_only():
         return x
     assert torch.equal(run(1, 0), run(1, 1))                      # one step draws no noise
     assert not torch.allclose(run(4, 0), run(4, 1))
+
+
+def test_an_lcm_scheduler_file_reads_and_names_lcm(tmp_path):
+    """An LCM model's folder (its scheduler file is LCMScheduler's): every key diffusers writes is read,
+    and the pipeline's default sampler becomes "lcm"; a distillation schedule other than 50 points is refused."""
+    import json
+    from minisd.pipeline import folder_scheduler
+    written = {"_class_name": "LCMScheduler", **dict(LCMScheduler.from_config(SD15).config)}
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(written))
+    config, name, _ = folder_scheduler(tmp_path)
+    assert name == "lcm" and (config.beta_schedule, config.beta_end, config.steps_offset) == ("scaled_linear", 0.012, 1)
+    with pytest.raises(ValueError, match="original_inference_steps=25"):
+        SchedulerConfig.from_dict({**written, "original_inference_steps": 25})
