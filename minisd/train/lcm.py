@@ -51,7 +51,7 @@ def guided_eps(teacher, x, t, cond, uncond, guidance):
     return eps_u + guidance * (eps_c - eps_u)
 
 
-def distill_lcm(teacher, latents, labels, contexts, prompts, guidance, steps=1200, batch_size=32, lr=2e-4,
+def distill_lcm(teacher, latents, labels, contexts, prompts, guidance, steps=800, batch_size=32, lr=1e-4,
                 ema_decay=0.95, skip=SKIP, loss_type="huber", huber_c=0.001, seed=0, progress=True):
     """Latent consistency distillation (chapter 15); returns (student, target, log).
 
@@ -179,9 +179,9 @@ def cli_lcm(argv):
                                 description="Latent consistency distillation of the course U-Net (chapter 15): write "
                                             "data/course_lcm_unet.safetensors and data/course_lcm_log.json; with "
                                             "--evaluate, the few-step table data/course_lcm_eval.json.")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ema-decay", type=float, default=0.95)
     p.add_argument("--skip", type=int, default=SKIP, help="k: timesteps the DDIM solver jumps (default 20)")
     p.add_argument("--loss", choices=["huber", "l2"], default="huber")
