@@ -19,9 +19,9 @@
 #
 # **You will build** the LCM sampler (`schedulers.LCM`, `scheduler="lcm"`, equal to diffusers'
 # `LCMScheduler`), a latent consistency distillation of the course U-Net
-# (`train.distill_lcm`, `python -m minisd train lcm`) that draws in 1 to 4 U-Net calls what the
-# teacher draws in 50, and the loader that puts LCM-LoRA on SD 1.5 (`lora.load`, every key
-# format diffusers reads).
+# (`train.distill_lcm`, `python -m minisd train lcm`) that samples in 1 to 8 U-Net calls instead
+# of the teacher's 50, measured against the teacher, and the loader that puts LCM-LoRA on SD 1.5
+# (`lora.load`, every key format diffusers reads).
 #
 # Every image so far took 25 {term}`DDIM` steps with {term}`classifier-free guidance`: 50 U-Net
 # calls. SD 1.5 takes 30 to 50 steps. On a CPU that wait is what a reader feels, and it is why
