@@ -341,6 +341,13 @@ fig.suptitle("Held-out prompts, 324 images per point, 95 % intervals")
 fig.tight_layout()
 plt.show()
 
+# Read the table with two facts in mind. DDIM's 1-step row is not a fair opponent: with SD's
+# "leading" spacing its single step is at $t = 1$ (Exercise 15.2), so it denoises pure noise as if
+# it were almost clean; DPM-Solver++ ("linspace") starts at 999 and does far better. And the course
+# images are simple, so good few-step solvers come close to the teacher too: the student's gain
+# is largest at 1 and 2 steps, and it costs half the U-Net calls of a guided sampler at the same
+# number of steps.
+
 # %%
 lcm4, teach = rows_eval["lcm_4"], rows_eval["teacher"]
 gaps = {k: 100 * (teach[k][0] - lcm4[k][0]) for k in ("colour", "shape", "position")}
@@ -448,11 +455,12 @@ assert min(origin) == 19
 # %% [markdown]
 # **Exercise 15.2 (★★, break it and watch)** Is it the distillation that makes 1 to 4 steps
 # work, or the LCM sampler? Break it: run the LCM sampler on the *undistilled* teacher (at its own
-# guidance, since it has none folded in) with 1, 2 and 4 steps on the held-out prompts, 4 seeds,
-# and compare the mean fidelity with the student's.
+# guidance, since it has none folded in) with 1, 2 and 4 steps on the held-out prompts, 2 seeds,
+# and compare the mean fidelity with the student's. Then explain the table's worst row, 1-step
+# DDIM: at which timestep does it ask the U-Net?
 
 # %% tags=["solution", "hide-cell"]
-def mean_fidelity(unet, scheduler, steps, guidance, seeds=(0, 1, 2, 3)):
+def mean_fidelity(unet, scheduler, steps, guidance, seeds=(0, 1)):
     images = np.concatenate([draw(unet, scheduler, steps, guidance, seed) for seed in seeds])
     return float(metrics.fidelity(images, held_captions * len(seeds))["fidelity"].mean())
 
@@ -460,31 +468,37 @@ def mean_fidelity(unet, scheduler, steps, guidance, seeds=(0, 1, 2, 3)):
 ablation = {steps: (mean_fidelity(teacher, "lcm", steps, settings["guidance"]), mean_fidelity(student, "lcm", steps, 1.0))
             for steps in (1, 2, 4)}
 for steps, (undistilled, distilled) in ablation.items():
-    print(f"{steps} LCM step(s): teacher {undistilled:.3f}, student {distilled:.3f} (36 images each)")
-# the sampler alone is DDPM-like re-noising of the teacher's x0 guesses: blurry averages at 1-2 steps
-assert ablation[1][1] > ablation[1][0]      # at one step the distillation is what draws the shape
+    print(f"{steps} LCM step(s): teacher {undistilled:.3f}, student {distilled:.3f} (18 images each)")
+one_step = make_scheduler("ddim")
+one_step.set_timesteps(1)
+print("1-step DDIM asks the U-Net at t =", one_step.timesteps.tolist(), "(SD's 'leading' spacing + steps_offset)")
+# On the course data the undistilled teacher, sampled the LCM way (x0 guess, then re-noise), is already
+# about as good: its x0 guesses from pure noise are good because the images are simple. The distillation
+# matters when they are not (SD 1.5). 1-step DDIM fails for another reason: it starts at t = 1, not 999.
+assert all(abs(distilled - undistilled) < 0.05 for undistilled, distilled in ablation.values())
+assert one_step.timesteps.tolist() == [1]
 
 # %% [markdown]
 # **Exercise 15.3 (★★★)** The student was distilled with the teacher's guidance folded in. What
 # happens if a user guides it *again*, with classifier-free guidance at the same scale on top
 # (two calls per step, as a diffusion model is sampled)? Measure 4-step LCM at guidance 1
-# (the right use) and at the teacher's guidance on the held-out prompts, 4 seeds, and look at the
-# background (`metrics.fidelity`'s "background", the mean brightness away from the shape).
+# (the right use) and at the teacher's guidance on the held-out prompts, 2 seeds, and compare the
+# fidelity and the cost.
 
 # %% tags=["solution", "hide-cell"]
-def figures(guidance, seeds=(0, 1, 2, 3)):
+def figures(guidance, seeds=(0, 1)):
     images = np.concatenate([draw(student, "lcm", 4, guidance, seed) for seed in seeds])
     f = metrics.fidelity(images, held_captions * len(seeds))
-    return float(f["fidelity"].mean()), float(f["background"].mean()), images
+    return float(f["fidelity"].mean()), images
 
 
 once, twice = figures(1.0), figures(settings["guidance"])
-print(f"guidance folded in once:  fidelity {once[0]:.3f}, background {once[1]:.1f}/255")
-print(f"guided again (w = {settings['guidance']}): fidelity {twice[0]:.3f}, background {twice[1]:.1f}/255")
-fig = data.show(np.concatenate([once[2][:9], twice[2][:9]]), held_captions * 2, ncols=9, scale=1.0, fontsize=5)
+print(f"guidance folded in once:           fidelity {once[0]:.3f}, 4 U-Net calls per image")
+print(f"guided again (w = {settings['guidance']}) on top: fidelity {twice[0]:.3f}, 8 U-Net calls per image")
+fig = data.show(np.concatenate([once[1][:9], twice[1][:9]]), held_captions * 2, ncols=9, scale=1.0, fontsize=5)
 plt.show()
-# guidance applied twice overshoots: the images are over-driven and lose fidelity
-assert twice[0] < once[0]
+# guiding again doubles the cost and buys nothing: the guidance is already in the student
+assert twice[0] <= once[0] + 0.01
 
 # %% [markdown]
 # ## What you built
