@@ -1,10 +1,12 @@
 """LoRA (chapter 13): a frozen layer W0 plus a trainable low-rank update,
 W' = W0 + (alpha / rank) * up @ down, injected into the U-Net's attention projections.
 
-Files are read and written in the kohya-ss format that community tools share:
+Files are written in the kohya-ss format that community tools share:
 `lora_unet_<diffusers module path, dots as underscores>.lora_down.weight`, `.lora_up.weight`
-and `.alpha` (`lora_te_...` for the text encoder), so a LoRA trained here loads elsewhere and
-an SD 1.x or 2.x LoRA from elsewhere loads here (into a model of its family).
+and `.alpha` (`lora_te_...` for the text encoder), so a LoRA trained here loads elsewhere. They
+are read in that format and in diffusers'/peft's (`unet.<module path>.lora_A.weight`, and the
+older spellings), so an SD 1.x or 2.x LoRA from elsewhere loads here (into a model of its
+family), e.g. LCM-LoRA (chapter 15), which wraps convolutions as well as attention.
 """
 import torch
 from torch import nn
@@ -185,6 +187,12 @@ def _text_names(text_encoder):
     return {"lora_te_text_model_" + path.replace(".", "_"): path for path, _ in _layers(text_encoder)}
 
 
+def diffusers_name(prefix, path):
+    """Our module path -> the module path diffusers' own files use for it: the U-Net's diffusers path
+    (`diffusers_path`), or transformers' text-encoder path (with `text_model.`)."""
+    return diffusers_path(path) if prefix == "lora_unet_" else "text_model." + path
+
+
 def _parts(obj):
     """[(prefix, module, names)] for a pipeline (its unet and text_encoder), a U-Net, or a text encoder."""
     if isinstance(obj, UNet):
@@ -240,26 +248,117 @@ def _cause(file_shape, want):
     return "the LoRA was made for a model of another size or architecture"
 
 
-def load(obj, path, scale=1.0):
-    """Read a kohya-style LoRA file into a pipeline, U-Net or text encoder (chapter 13).
+# --- the other formats diffusers' load_lora_weights reads for SD 1.x/2.x ----------------------
 
-    Each `<name>.lora_down.weight` / `.lora_up.weight` (/ `.alpha`, default: the rank) pair
-    wraps the layer it names in a LoRALinear with `scale` (the strength community tools
-    call "weight"); `lora.merge` then folds it in. Everything is checked before anything
+# suffix of a diffusers/peft key -> which factor it is. "lora_A"/"lora_B" is peft's naming (what
+# diffusers writes today); "lora.down"/"lora.up" and "lora_linear_layer" are the older diffusers
+# files (attention processors), which diffusers converts on load (utils/state_dict_utils.py).
+DIFFUSERS_SUFFIXES = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+                      (".lora.down.weight", "lora_down.weight"), (".lora.up.weight", "lora_up.weight"),
+                      (".lora_linear_layer.down.weight", "lora_down.weight"),
+                      (".lora_linear_layer.up.weight", "lora_up.weight"))
+# the oldest diffusers files name the attention processor's own LoRA layers (UNET_TO_DIFFUSERS)
+OLD_ATTENTION = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+DIFFUSERS_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+
+
+def _diffusers_key(key):
+    """'unet.<module>.lora_A.weight' (or an older spelling) -> ('lora_unet_', '<module>', 'lora_down.weight'),
+    or None if the key is not a diffusers-format LoRA factor."""
+    prefix = next((p for p in DIFFUSERS_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = key[len(prefix):].replace(".processor.", ".")   # diffusers' KEYS_TO_ALWAYS_REPLACE
+    for suffix, kind in DIFFUSERS_SUFFIXES + ((".down.weight", "lora_down.weight"), (".up.weight", "lora_up.weight")):
+        if rest.endswith(suffix):
+            name = rest[:-len(suffix)]
+            head, _, last = name.rpartition(".")
+            if suffix in (".down.weight", ".up.weight"):   # only the old processor names end this way
+                if last not in OLD_ATTENTION:
+                    return None
+                name = head + "." + OLD_ATTENTION[last]
+            return DIFFUSERS_PREFIXES[prefix], name, kind
+    return None
+
+
+def _diffusers_alphas(metadata, kohya_prefix):
+    """(lora_alpha, alpha_pattern) of the peft LoraConfig that diffusers stores in a safetensors file's
+    "lora_adapter_metadata", for the unet or the text encoder; (None, {}) without one (alpha = rank)."""
+    import json
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None, {}
+    prefix = "unet." if kohya_prefix == "lora_unet_" else "text_encoder."
+    config = json.loads(raw)
+    return config.get(prefix + "lora_alpha"), config.get(prefix + "alpha_pattern") or {}
+
+
+def _pattern_alpha(name, default, patterns):
+    """peft's rule: the first alpha_pattern key that matches the end of the module name, else the default."""
+    import re
+    for pattern, alpha in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return alpha
+    return default
+
+
+def _file_metadata(path):
+    from pathlib import Path
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def load(obj, path, scale=1.0):
+    """Read a LoRA file into a pipeline, U-Net or text encoder (chapters 13 and 15), in any of
+    the formats diffusers' `load_lora_weights` reads for SD 1.x/2.x:
+
+    - kohya-ss: `lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+      (`lora_te_...` for the text encoder);
+    - diffusers/peft: `unet.<diffusers module path>.lora_A.weight` / `.lora_B.weight`
+      (`text_encoder.text_model....`), alpha = rank unless the file's "lora_adapter_metadata"
+      gives peft's `lora_alpha` / `alpha_pattern`;
+    - older diffusers: `.lora.down.weight` / `.lora.up.weight`, and the attention processors'
+      `...attn1.processor.to_q_lora.down.weight`.
+
+    Any Linear or Conv2d layer can be named (attention, feed-forward, proj_in/out, ResNet convs and
+    shortcuts, time_emb_proj, down/upsamplers, the time embedding, conv_in/out: LCM-LoRA names
+    most of them). Each pair wraps its layer in a LoRALinear with `scale` (the strength community
+    tools call "weight"); `lora.merge` then folds it in. Everything is checked before anything
     changes: a key that names no layer of this model, or a shape that does not fit, raises a
     WeightsError naming the first such key.
     """
     sd = weights.load_state_dict(path)
     parts = _parts(obj)
-    found = {}
+    by_diffusers = {prefix: {diffusers_name(prefix, p): p for p in names.values()} for prefix, _, names in parts}
+    found, alphas = {}, {}
     for key in sd:
+        parsed = _diffusers_key(key)
+        if parsed is not None:                       # diffusers/peft format -> the kohya name of the same layer
+            prefix, module_name, kind = parsed
+            part = next((p for p in parts if p[0] == prefix), None)
+            if part is None or module_name not in by_diffusers[prefix]:
+                where = "the text encoder" if prefix == "lora_te_" else "this U-Net"
+                raise weights.WeightsError(
+                    f"{path}: {key!r} names no layer of {where} ({module_name!r} is not one of its diffusers module "
+                    "paths); this looks like a LoRA for another architecture (SDXL...)"
+                    + (" or the text encoder was not given (pass the pipeline)" if prefix == "lora_te_" else ""))
+            names = {p: k for k, p in part[2].items()}
+            name = names[by_diffusers[prefix][module_name]]
+            alphas.setdefault(name, (prefix, module_name))
+            found.setdefault(name, {})[kind] = sd[key]
+            continue
         name, _, kind = key.partition(".")
-        if ".lora_A." in key or ".lora_B." in key:
-            raise weights.WeightsError(f"{path}: {key!r} is a diffusers/peft-format LoRA key (lora_A/lora_B); "
-                                       "minisd reads the kohya format (lora_unet_..., lora_down/lora_up)")
+        if ".lora_A." in key or ".lora_B." in key or ".lora.down." in key:
+            raise weights.WeightsError(f"{path}: {key!r} is a diffusers/peft-format LoRA key without the 'unet.' or "
+                                       "'text_encoder.' prefix that diffusers' load_lora_weights needs (it would "
+                                       "load nothing); prefix the keys with 'unet.'")
         if kind not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise weights.WeightsError(f"{path}: {key!r} is not a plain LoRA tensor (kohya LoRA files hold "
-                                       "lora_down.weight, lora_up.weight and alpha; LoHa/LoKr/DoRA are not supported)")
+            raise weights.WeightsError(f"{path}: {key!r} is not a plain LoRA tensor (LoRA files hold lora_down/lora_up "
+                                       "and alpha (kohya) or lora_A/lora_B (diffusers/peft); LoHa/LoKr/DoRA are not "
+                                       "supported)")
         part = next((p for p in parts if name.startswith(p[0])), None)
         if part is None or name not in part[2]:
             where = "a text encoder" if name.startswith("lora_te") else "this U-Net"
@@ -269,6 +368,13 @@ def load(obj, path, scale=1.0):
                 "this looks like a LoRA for another architecture (SDXL...)"
                 + (" or the text encoder was not given (pass the pipeline)" if name.startswith("lora_te") else ""))
         found.setdefault(name, {})[kind] = sd[key]
+    if alphas:                                      # diffusers format: alpha from the peft config, else the rank
+        metadata = _file_metadata(path)
+        for name, (prefix, module_name) in alphas.items():
+            default, patterns = _diffusers_alphas(metadata, prefix)
+            alpha = _pattern_alpha(module_name, default, patterns)
+            if alpha is not None and "alpha" not in found[name]:
+                found[name]["alpha"] = torch.tensor(float(alpha))
     plan = []
     for name, t in found.items():
         if "lora_down.weight" not in t or "lora_up.weight" not in t:

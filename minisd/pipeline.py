@@ -354,7 +354,8 @@ class StableDiffusion:
 # diffusers' scheduler classes -> minisd's sampler names: a scheduler file's `_class_name` is the
 # model's default sampler
 DIFFUSERS_SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                        "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm"}
+                        "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm",
+                        "LCMScheduler": "lcm"}
 
 
 def folder_scheduler(folder):

@@ -14,7 +14,8 @@ reads them (chapter 11). The default, `SchedulerConfig.sd15()`, is SD 1.5's orig
 scaled-linear schedule of `minisd.diffusion`, `steps_offset=1`, `set_alpha_to_one=False`,
 epsilon prediction, no clipping. That file names no `timestep_spacing`, so each sampler keeps
 its diffusers class's own default: "leading" for DDPM, DDIM and PNDM (981, 961, ..., 1 for 50
-steps), "linspace" for Euler and DPM-Solver++ (999 ... 0 and 999 ... 20).
+steps), "linspace" for Euler and DPM-Solver++ (999 ... 0 and 999 ... 20). LCM (chapter 15) takes
+its timesteps from the 50-point distillation schedule (999, 979, ..., 19) whatever the spacing.
 """
 import json
 import math
@@ -36,7 +37,7 @@ UNUSED_AT_DEFAULT = {
     "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero",
     "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
     "euler_at_final": False, "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False,
-    "time_shift_type": "exponential",
+    "time_shift_type": "exponential", "original_inference_steps": 50, "timestep_scaling": 10.0,
 }
 
 
@@ -426,12 +427,65 @@ class PNDM(Scheduler):
         return self._transfer(x, t, t - delta, out)
 
 
-SCHEDULERS = {"ddpm": DDPM, "ddim": DDIM, "euler": Euler, "dpm++2m": DPMPP2M, "pndm": PNDM}
+class LCM(Scheduler):
+    """Multistep sampling of a latent consistency model (Luo et al. 2023; chapter 15), as
+    diffusers' LCMScheduler.
+
+    A consistency model maps any x_t on a probability-flow ODE trajectory straight to its
+    end x_0. Its output is parametrised so that f(x, 0) = x holds by construction:
+    f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat(x_t, t), with c_skip(0) = 1 and c_out(0) = 0.
+    The timesteps are a subset of the distillation schedule (`original_steps` = 50 points
+    k - 1, 2k - 1, ..., 999 with k = 1000 // 50 = 20). Between steps the clean guess is noised
+    again to the next timestep with fresh noise from `generator`; the last step returns it.
+    """
+
+    def __init__(self, config=None, original_steps=50, timestep_scaling=10.0):
+        super().__init__(config)
+        if not isinstance(original_steps, int) or not 1 <= original_steps <= self.num_train_timesteps:
+            raise ValueError(f"original_steps must be an int in [1, {self.num_train_timesteps}], got {original_steps!r}")
+        self.original_steps, self.timestep_scaling = original_steps, timestep_scaling
+
+    def origin_timesteps(self):
+        """The distillation schedule the model was trained on, ascending: k - 1, 2k - 1, ..., (k = T // original_steps)."""
+        k = self.num_train_timesteps // self.original_steps
+        return np.arange(1, self.original_steps + 1) * k - 1
+
+    def set_timesteps(self, n):
+        if not isinstance(n, int) or not 1 <= n <= self.original_steps:
+            raise ValueError(f"LCM takes 1 to {self.original_steps} steps (a subset of the {self.original_steps}-step "
+                             f"distillation schedule), got {n!r}; 1-8 is what it is made for")
+        origin = self.origin_timesteps()[::-1]          # 999, 979, ..., 19
+        index = np.floor(np.linspace(0, len(origin), n, endpoint=False)).astype(np.int64)
+        self.timesteps = torch.from_numpy(origin[index].copy())
+
+    def boundary(self, t):
+        """(c_skip, c_out) at timestep t: sigma_data^2 / (s^2 + sigma_data^2) and s / sqrt(s^2 + sigma_data^2),
+        s = timestep_scaling * t, sigma_data = 0.5. At t = 0: (1, 0), so f(x, 0) = x."""
+        s = torch.as_tensor(t).float() * self.timestep_scaling
+        return 0.25 / (s ** 2 + 0.25), s / (s ** 2 + 0.25) ** 0.5
+
+    def step(self, out, t, x, generator=None):
+        i = self._index(t)
+        a_t = self.alphas_cumprod[t]
+        x0, _ = self._x0_eps(out, x, a_t)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-1, 1)
+        c_skip, c_out = self.boundary(t)
+        denoised = c_out * x0 + c_skip * x       # the consistency function f(x_t, t)
+        self.pred_x0 = denoised
+        if i == len(self.timesteps) - 1:
+            return denoised
+        a_next = self.alphas_cumprod[self.timesteps[i + 1]]
+        noise = torch.randn(out.shape, generator=generator, dtype=denoised.dtype).to(out.device)
+        return a_next ** 0.5 * denoised + (1 - a_next) ** 0.5 * noise
+
+
+SCHEDULERS = {"ddpm": DDPM, "ddim": DDIM, "euler": Euler, "dpm++2m": DPMPP2M, "pndm": PNDM, "lcm": LCM}
 
 
 def make_scheduler(name, config=None):
-    """A sampler by its pipeline name: "ddpm", "ddim", "euler", "dpm++2m" or "pndm" (SD 1.5's
-    default), configured by `config` (a SchedulerConfig; default: SD 1.5's file)."""
+    """A sampler by its pipeline name: "ddpm", "ddim", "euler", "dpm++2m", "pndm" (SD 1.5's
+    default) or "lcm" (a consistency-distilled model, chapter 15), configured by `config` (a SchedulerConfig; default: SD 1.5's file)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {list(SCHEDULERS)}")
     return SCHEDULERS[name](config)

@@ -81,7 +81,8 @@ def reference_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, see
 
 
 SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                     "dpm++2m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
+                     "dpm++2m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
+                     "lcm": "LCMScheduler"}
 
 
 def use_scheduler(pipe, name):

@@ -302,7 +302,8 @@ def edited(sd, key, value):
     ("sdxl_path", r"lora_unet_input_blocks_4_1_proj_in\.lora_down\.weight.*another architecture"),
     ("loha", r"hada_w1_a.*not a plain LoRA"),
     ("missing_up", r"attn1_to_q\.lora_up\.weight is missing"),
-    ("peft_format", r"unet\.down_blocks\.0\.attentions\.0\.proj_in\.lora_A\.weight.*kohya format"),
+    ("peft_format", r"'down_blocks\.0\.attentions\.0\.proj_in\.lora_A\.weight'.*without the 'unet\.'"),
+    ("peft_sdxl_path", r"unet\.down_blocks\.2\.attentions\.0\.proj_in\.lora_A\.weight.*names no layer"),
     ("text_without_encoder", r"lora_te_text_model_encoder_layers_0_self_attn_q_proj.*text encoder"),
 ])
 def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, match):
@@ -316,7 +317,9 @@ def test_mismatched_file_names_the_first_bad_key(tiny_pair, tmp_path, case, matc
     elif case == "loha":
         sd = edited(sd, prefix + "attn1_to_q.hada_w1_a", torch.zeros(4, 4))
     elif case == "peft_format":
-        sd = edited(sd, "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", torch.zeros(4, 32, 1, 1))
+        sd = edited(sd, "down_blocks.0.attentions.0.proj_in.lora_A.weight", torch.zeros(4, 32, 1, 1))
+    elif case == "peft_sdxl_path":
+        sd = edited(sd, "unet.down_blocks.2.attentions.0.proj_in.lora_A.weight", torch.zeros(4, 32, 1, 1))
     elif case == "missing_up":
         sd = {k: v for k, v in sd.items() if k != prefix + "attn1_to_q.lora_up.weight"}
     else:
@@ -490,3 +493,150 @@ def test_sd15_community_style_lora_loads_like_diffusers(tmp_path):
     del ours, theirs
     gc.collect()
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
+
+# --- every format diffusers' load_lora_weights reads, on every layer type LCM-LoRA wraps (chapter 15) --
+
+# The layers LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) was trained on: the target_modules of
+# diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# and the layers no LoRA above names, which a kohya file may still address
+EXTRA_TARGETS = ("time_embedding.linear_1", "time_embedding.linear_2", "conv_in", "conv_out")
+FORMATS = ("kohya", "peft", "peft_alpha", "diffusers_old", "attn_processor")
+
+
+def lora_factors(theirs, targets, seed=0, rank=4):
+    """{diffusers module name: (down, up)} for every Linear/Conv2d whose name ends with a target."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in theirs.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, nn.Linear):
+            down, up = torch.randn(rank, m.in_features, generator=g), torch.randn(m.out_features, rank, generator=g)
+        else:
+            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g)
+            up = torch.randn(m.out_channels, rank, 1, 1, generator=g)
+        out[name] = (0.2 * down, 0.2 * up)
+    return out
+
+
+def write_lora(factors, fmt, path, alpha=2.0):
+    """A LoRA file in one of the formats diffusers reads, written from diffusers' names (not through minisd).
+    kohya: lora_unet_<_-joined>.lora_down/lora_up/alpha; peft: unet.<name>.lora_A/lora_B (alpha = rank),
+    peft_alpha: the same with peft's lora_alpha in the "lora_adapter_metadata" diffusers writes;
+    diffusers_old: unet.<name>.lora.down/lora.up; attn_processor: attention layers as
+    unet.<...>.attn1.processor.to_q_lora.down (the rest as diffusers_old)."""
+    import json
+    sd, metadata = {}, None
+    old_attention = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+    for name, (down, up) in factors.items():
+        if fmt == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down, up
+            sd[key + ".alpha"] = torch.tensor(alpha)
+        elif fmt in ("peft", "peft_alpha"):
+            sd[f"unet.{name}.lora_A.weight"], sd[f"unet.{name}.lora_B.weight"] = down, up
+        else:
+            attn = next((k for k in old_attention if name.endswith(k) and ".attn" in name), None)
+            if fmt == "attn_processor" and attn is not None:
+                stem = name[:-len(attn) - 1] + ".processor." + old_attention[attn]
+                sd[f"unet.{stem}.down.weight"], sd[f"unet.{stem}.up.weight"] = down, up
+            else:
+                sd[f"unet.{name}.lora.down.weight"], sd[f"unet.{name}.lora.up.weight"] = down, up
+    if fmt == "peft_alpha":
+        metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": alpha,
+                                                         "unet.target_modules": sorted(factors)})}
+    save_file(sd, str(path), metadata=metadata)
+    return sd
+
+
+def load_file_in_diffusers(theirs, path):
+    """pipe.load_lora_weights for the U-Net: the state dict and its alphas (kohya) or peft config (metadata)."""
+    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, theirs, metadata=metadata)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_on_every_lcm_lora_layer_loads_like_diffusers(tiny_pair, tmp_path, fmt, fuse):
+    ours, theirs = tiny_pair
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        base = theirs(x, t, c).sample
+    factors = lora_factors(theirs, LCM_LORA_TARGETS)
+    kinds = {n.rsplit(".", 1)[-1] for n in factors}
+    assert {"to_q", "proj_in", "conv1", "conv_shortcut", "time_emb_proj", "conv"} <= kinds   # every layer type
+    assert any("downsamplers" in n for n in factors) and any("upsamplers" in n for n in factors)
+    write_lora(factors, fmt, tmp_path / "lora.safetensors")
+    lora.load(ours, tmp_path / "lora.safetensors")
+    load_file_in_diffusers(theirs, tmp_path / "lora.safetensors")
+    assert sum(isinstance(m, lora.LoRALinear) for m in ours.modules()) == len(factors)
+    if fuse:
+        lora.merge(ours)
+        theirs.fuse_lora()
+    with torch.no_grad():
+        a, b = ours(x, t, c), theirs(x, t, c).sample
+    assert (b - base).abs().max() > 0.1                              # the LoRA changes the output
+    assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+
+
+def test_kohya_file_on_the_time_embedding_and_conv_in_out(tiny_pair, tmp_path):
+    """The layers outside the blocks, which a kohya file can name too (diffusers' converter maps them)."""
+    ours, theirs = tiny_pair
+    factors = lora_factors(theirs, EXTRA_TARGETS)
+    assert len(factors) == 4
+    write_lora(factors, "kohya", tmp_path / "lora.safetensors")
+    lora.load(ours, tmp_path / "lora.safetensors", scale=0.7)
+    load_file_in_diffusers(theirs, tmp_path / "lora.safetensors")
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        b = theirs(x, t, c, cross_attention_kwargs={"scale": 0.7}).sample
+        assert (ours(x, t, c) - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_lcm_lora_pipeline_equals_diffusers(tmp_path, fmt):
+    """What a user of LCM-LoRA runs: load_lora_weights, LCMScheduler, 4 steps, guidance 1 (no CFG);
+    ours: lora.load into the pipeline, scheduler="lcm". Tiny random weights."""
+    import numpy as np
+    from diffusers import LCMScheduler
+    from minisd import StableDiffusion
+    from reference_sd import reference_pipeline
+    ref = reference_pipeline(tmp_path / "sd")
+    ours = StableDiffusion.from_pretrained(tmp_path / "sd")
+    write_lora(lora_factors(ref.unet, LCM_LORA_TARGETS, seed=3), fmt, tmp_path / "lcm_lora.safetensors")
+    ref.load_lora_weights(str(tmp_path / "lcm_lora.safetensors"))
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    lora.load(ours, tmp_path / "lcm_lora.safetensors")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle in the top left", "an astronaut riding a horse"]
+    theirs = ref(prompts, height=16, width=16, num_inference_steps=4, guidance_scale=1.0, latents=x,
+                 output_type="np", generator=torch.Generator().manual_seed(1)).images
+    image = ours(prompts, height=16, width=16, steps=4, guidance=1.0, scheduler="lcm", latents=x, output_type="np",
+                 seed=1, progress=False)
+    assert theirs.std() > 0.05
+    np.testing.assert_allclose(image, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_lcm_lora_on_sd15_unet_equals_diffusers(tmp_path, fmt):
+    """The real SD 1.5 U-Net's shapes (random weights, 860M parameters, ~10 GB of RAM on the way)."""
+    from reference_sd import SD15_UNET
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**SD15_UNET).eval()
+    ours = weights.load_unet({k: v.clone() for k, v in theirs.state_dict().items()}, UNetConfig.sd15()).eval()
+    factors = lora_factors(theirs, LCM_LORA_TARGETS, rank=8)
+    write_lora(factors, fmt, tmp_path / "lcm_lora.safetensors", alpha=8.0)
+    lora.load(ours, tmp_path / "lcm_lora.safetensors")
+    load_file_in_diffusers(theirs, tmp_path / "lcm_lora.safetensors")
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        a, b = ours(x, torch.tensor([499]), c), theirs(x, torch.tensor([499]), c).sample
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+    del ours, theirs
+    gc.collect()

@@ -28,7 +28,7 @@ def initial_latents(n=2, size=8, seed=0):
     return torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpm++2m", "ddpm"])
+@pytest.mark.parametrize("name", ["pndm", "ddim", "euler", "dpm++2m", "ddpm", "lcm"])
 def test_each_scheduler_equals_diffusers(tiny, name):
     ref, ours, _ = tiny
     use_scheduler(ref, name)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, LCMScheduler, PNDMScheduler)
 
 import minisd
 from minisd.schedulers import DDIM, SCHEDULERS, make_scheduler
@@ -14,7 +14,7 @@ SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_sta
         "trained_betas": None, "clip_sample": False}
 
 THEIRS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-          "dpm++2m": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
+          "dpm++2m": DPMSolverMultistepScheduler, "pndm": PNDMScheduler, "lcm": LCMScheduler}
 NAMES = list(THEIRS)
 
 
@@ -181,7 +181,7 @@ def test_module_is_exported():
 
 # --- noising (img2img's start) belongs to the sampler ----------------------------------------
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "dpm++2m", "pndm"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "dpm++2m", "pndm", "lcm"])
 def test_add_noise_equals_diffusers(name):
     """Each sampler noises x0 to a timestep of its own chain as its diffusers class does
     (Euler: x0 + sigma noise; the others: sqrt(abar) x0 + sqrt(1 - abar) noise)."""
@@ -244,6 +244,8 @@ def exact_model(x, t, abar, prediction_type, scale=1.0):
 @pytest.mark.parametrize("file", list(FILES))
 @pytest.mark.parametrize("name", NAMES)
 def test_every_sampler_honours_the_file_as_diffusers(name, file):
+    if name == "lcm" and file == "zero-snr":
+        pytest.skip("LCM starts at t = 999, where zero terminal SNR makes abar = 0 and x0 = x / 0 (nan in diffusers too)")
     config = SchedulerConfig.from_dict(FILES[file])
     ours, theirs = make_scheduler(name, config), reference_from(FILES[file], name)
     abar = config.alphas_cumprod(config.rescale_betas_zero_snr)
@@ -311,3 +313,67 @@ def test_default_valued_extras_pass_and_prk_is_refused():
     make_scheduler("ddim", no_prk)
     with pytest.raises(ValueError, match="skip_prk_steps=False"):
         make_scheduler("pndm", no_prk)
+
+
+# --- LCM (chapter 15): few steps from the distillation schedule --------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_lcm_few_steps_equal_diffusers(n):
+    """1-8 steps, the ones LCM is made for: the same timesteps, and the same run step by step
+    (the re-noising between steps draws from generators seeded alike)."""
+    ours, theirs = make_scheduler("lcm"), reference("lcm")
+    ours.set_timesteps(n)
+    theirs.set_timesteps(n)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    x_ours = x_theirs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+    g_ours, g_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for t in theirs.timesteps:
+        x_ours = ours.step(fake_unet(x_ours, t), t, x_ours, generator=g_ours)
+        out = theirs.step(fake_unet(x_theirs, t), t, x_theirs, generator=g_theirs)
+        x_theirs = out.prev_sample
+        torch.testing.assert_close(x_ours, x_theirs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.pred_x0, out.denoised, rtol=0, atol=1e-5)
+    assert torch.equal(x_ours, ours.pred_x0)                      # the last step returns the clean guess
+
+
+def test_lcm_timesteps_and_boundary_condition():
+    s = make_scheduler("lcm")
+    steps = {}
+    for n in (1, 2, 4, 8):
+        s.set_timesteps(n)
+        steps[n] = s.timesteps.tolist()
+    assert steps == {1: [999], 2: [999, 499], 4: [999, 759, 499, 259], 8: [999, 879, 759, 639, 499, 379, 259, 139]}
+    assert s.origin_timesteps()[:3].tolist() == [19, 39, 59]      # k = 1000 // 50 = 20
+    c_skip, c_out = s.boundary(0)
+    assert (c_skip.item(), c_out.item()) == (1.0, 0.0)            # f(x, 0) = x
+    c_skip, c_out = s.boundary(19)
+    assert c_skip < 1e-5 and c_out > 0.99999                      # elsewhere f is the x0 guess
+    with pytest.raises(ValueError, match="1 to 50 steps"):
+        s.set_timesteps(51)
+
+
+def test_lcm_is_stochastic_between_steps_only():
+    def run(n, seed):
+        s = make_scheduler("lcm")
+        s.set_timesteps(n)
+        x = torch.ones(1, 4, 8, 8)
+        g = torch.Generator().manual_seed(seed)
+        for t in s.timesteps:
+            x = s.step(fake_unet(x, t), t, x, generator=g)
+        return x
+    assert torch.equal(run(1, 0), run(1, 1))                      # one step draws no noise
+    assert not torch.allclose(run(4, 0), run(4, 1))
+
+
+def test_an_lcm_scheduler_file_reads_and_names_lcm(tmp_path):
+    """An LCM model's folder (its scheduler file is LCMScheduler's): every key diffusers writes is read,
+    and the pipeline's default sampler becomes "lcm"; a distillation schedule other than 50 points is refused."""
+    import json
+    from minisd.pipeline import folder_scheduler
+    written = {"_class_name": "LCMScheduler", **dict(LCMScheduler.from_config(SD15).config)}
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(written))
+    config, name, _ = folder_scheduler(tmp_path)
+    assert name == "lcm" and (config.beta_schedule, config.beta_end, config.steps_offset) == ("scaled_linear", 0.012, 1)
+    with pytest.raises(ValueError, match="original_inference_steps=25"):
+        SchedulerConfig.from_dict({**written, "original_inference_steps": 25})
