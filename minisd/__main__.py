@@ -9,7 +9,7 @@ USAGE = """usage: python -m minisd COMMAND [options]
 commands:
   generate PROMPT ...        text to image (the course model by default)
   benchmark ...              ours vs diffusers, side by side, on the same weights
-  train vae|clip|unet|lora   reproduce a checkpoint in data/
+  train vae|clip|unet|lora|inpaint  reproduce a checkpoint in data/
   evaluate ...               the course model judged from pixels: shape fidelity, background
 
 `python -m minisd COMMAND --help` shows a command's options."""

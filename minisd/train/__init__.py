@@ -1,8 +1,9 @@
-"""`python -m minisd train vae|clip|unet|lora`: reproduce the checkpoints in data/.
+"""`python -m minisd train vae|clip|unet|lora|inpaint`: reproduce the checkpoints in data/.
 
 One module per model the course trains, in the book's order: `vae` (chapter 6), `clip`
 (chapter 8), `unet` (chapter 9), `lora` (chapter 13, the course concept) and `lora_folder`
-(chapter 13, real SD 1.x weights on a folder of images, under torchrun too). Each trainer
+(chapter 13, real SD 1.x weights on a folder of images, under torchrun too), `inpaint`
+(chapter 16, the 9-channel course inpainting U-Net). Each trainer
 draws the course data (`minisd.data`), shows a tqdm bar, logs its losses and writes a
 safetensors file whose metadata records the command that made it. Their functions are
 importable from here (`from minisd.train import train_unet_model`).
@@ -15,9 +16,11 @@ from .unet import (COURSE_SAMPLING, cli_unet, course_prompts, course_unet_config
                    judge_course_unet, sample_course_latents, train_unet_model)
 from .lora import (LORA_COURSE, LORA_TARGETS, cli_lora, concept_prompts, encode_concept_data, evaluate_lora,
                    lora_judge, lora_rank_sweep, train_lora)
+from .inpaint import (INPAINT_COURSE, cli_inpaint, encode_inpaint_data, evaluate_inpainting, extend_unet,
+                      inpaint_task, train_inpaint_model)
 from .lora_folder import IMAGE_SUFFIXES, caption_folder, load_training_image, train_lora_folder
 
-TRAINERS = {"vae": cli_vae, "clip": cli_clip, "unet": cli_unet, "lora": cli_lora}
+TRAINERS = {"vae": cli_vae, "clip": cli_clip, "unet": cli_unet, "lora": cli_lora, "inpaint": cli_inpaint}
 
 
 def main(argv):
