@@ -221,9 +221,9 @@ assert rc["text_to_image"]["psnr_outside"][0] < rc["blending"]["psnr_outside"][0
 # **The 9-channel model** sees the masked image at every step and is free to redraw everything, so
 # nothing bleeds in (*replace*), but nothing forces it to reproduce the outside either: how much of
 # the image it keeps is what its fine-tune learned, the +dB over text-to-image above (diffusers
-# does not paste the original back; UIs often do). On this CPU budget the course model learned
-# only a little of it: SD's inpainting model trained 440k steps. The *replace* task's "outside" is
-# the black background, which text-to-image keeps as well: that task tests the inside.
+# does not paste the original back; UIs often do), and a few CPU minutes teach it much less of
+# that than SD's 440k inpainting steps did. The *replace* task's "outside" is the black
+# background, which text-to-image keeps as well: that task tests the inside.
 
 # %% [markdown]
 # **Exercise 16.5 (★)** The mask is drawn in pixels but used in latent space, shrunk by
