@@ -30,27 +30,37 @@ from .tokenizer import EOS, CLIPTokenizer
 
 
 def denoise(unet, latents, context, sched, timesteps=None, guidance=None, generator=None, progress=False,
-            control=()):
+            control=(), extra=None, after_step=None):
     """The sampling loop (chapter 10), shared by the pipeline and the trainers' evaluation.
 
     Per timestep one U-Net call and one sampler step. With `guidance` (classifier-free
     guidance), `context` is [uncond; cond] (2B, 77, D): the U-Net runs once on [x; x] and the
     noise is eps_u + guidance (eps_c - eps_u). With guidance=None, `context` is cond alone.
     `timesteps` defaults to all of the sampler's (img2img starts part-way). `control`: (ControlNet,
-    hint as big a batch as the U-Net's, scale) triples (chapter 14), whose residuals are summed."""
+    hint as big a batch as the U-Net's, scale) triples (chapter 14), whose residuals are summed.
+    Inpainting (chapter 16) adds two optional pieces: `extra` (B, C', h, w), channels joined to
+    the scaled latents at every U-Net call (a 9-channel inpainting U-Net's mask and masked-image
+    latents), and `after_step(i, t, latents) -> latents`, run after every sampler step (latent
+    blending: the known region put back, noised to the next timestep)."""
     timesteps = sched.timesteps if timesteps is None else timesteps
-    for t in tqdm(timesteps, disable=not progress, desc="sampling"):
+    if extra is not None and guidance is not None:
+        extra = torch.cat([extra, extra])
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
         x = latents if guidance is None else torch.cat([latents, latents])
         x = sched.scale_model_input(x, t)
         down = mid = None
         for net, hint, scale in control:
             d, m = net(x, t, context, hint, scale)
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        if extra is not None:
+            x = torch.cat([x, extra], dim=1)
         eps = unet(x, t, context) if down is None else unet(x, t, context, down_residuals=down, mid_residual=mid)
         if guidance is not None:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         latents = sched.step(eps, t, latents, generator=generator)
+        if after_step is not None:
+            latents = after_step(i, t, latents)
     return latents
 
 
@@ -258,7 +268,8 @@ class StableDiffusion:
         generator = _generator(seed)
         _check_output_type(output_type)
         f = self.vae.config.factor
-        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        self._check_plain_unet("pipe(...)")
+        shape = (len(prompts), self.vae.config.latent_channels, height // f, width // f)
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents is a {type(latents).__name__}: pass a tensor of shape {shape}, or None")
         if latents is not None and tuple(latents.shape) != shape:
@@ -287,6 +298,7 @@ class StableDiffusion:
                                                                     scheduler)
         if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength!r}: it must be a number in [0, 1] (0 keeps the image, 1 ignores it)")
+        self._check_plain_unet("img2img")
         pixels = _to_tensor(image)
         if len(pixels) == 1 and len(prompts) > 1:
             pixels = pixels.expand(len(prompts), -1, -1, -1)
@@ -309,6 +321,105 @@ class StableDiffusion:
         latents = sched.add_noise(x0, self._noise(x0.shape, generator), timesteps[0])  # each sampler its own way
         latents = denoise(self.unet, latents, context, sched, timesteps, guidance if guidance > 1.0 else None,
                           generator, progress, control)
+        return self._output(latents, output_type)
+
+    # --- inpainting (chapter 16) -------------------------------------------------------------
+    def _check_plain_unet(self, what):
+        """Text-to-image and img2img need a U-Net whose input is the latents alone."""
+        c = self.vae.config.latent_channels
+        if self.unet.config.in_channels != c:
+            raise ValueError(f"{what}: this U-Net takes {self.unet.config.in_channels} input channels, not the "
+                             f"{c} of the latents: an inpainting U-Net (latents + mask + masked-image latents) "
+                             "runs through pipe.inpaint(prompt, image, mask)")
+
+    def _encode_sample(self, pixels, generator):
+        """Pixels in [-1, 1] -> a sample of the VAE's posterior times the scaling factor, as diffusers
+        (one generator draw of the latents' shape)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(pixels.to(self.device, vae_dtype))
+        return (posterior.sample(generator) * self.vae.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", height=None, width=None, steps=None,
+                guidance=None, scheduler=None, seed=None, output_type="pil", progress=True):
+        """Repaint the white part of `mask` in `image` so that the result follows `prompt`, as
+        diffusers' StableDiffusionInpaintPipeline (same images from the same weights and seed).
+
+        The U-Net decides how: a plain (4-channel) U-Net, any SD model, samples as text-to-image
+        and after every step puts the known region back into the latents, noised to the next
+        timestep (latent blending); an inpainting U-Net (9 channels, as SD's inpainting
+        checkpoints) sees the mask and the latents of the masked image beside its latents at every
+        call. `strength` < 1 starts from the image noised part-way (as img2img) instead of pure noise.
+        `image`: a PIL image, a uint8 array (H, W, 3) or (N, H, W, 3), or a float tensor
+        (N, 3, H, W) in [0, 1]. `mask`: a PIL image (any mode; grey), a uint8 or bool array
+        (H, W), or a float tensor (H, W), (N, H, W) or (N, 1, H, W) in [0, 1]; white (>= 0.5) is
+        repainted, black kept. Both are resized to height x width (default: the image's size),
+        PIL images with Lanczos, arrays and tensors with nearest neighbours, as diffusers' image
+        processors; the mask is then made binary at 0.5 and shrunk to the latents' size (nearest)."""
+        prompts, negatives, steps, guidance, sched = self._settings(prompt, negative_prompt, steps, guidance,
+                                                                    scheduler)
+        if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength!r}: it must be in (0, 1] (1 repaints from pure noise; "
+                             "smaller keeps more of what was under the mask)")
+        c, f = self.vae.config.latent_channels, self.vae.config.factor
+        in_channels = self.unet.config.in_channels
+        if in_channels not in (c, 2 * c + 1):
+            raise ValueError(f"inpaint needs a U-Net with {c} input channels (any SD model: latent blending) or "
+                             f"{2 * c + 1} (an inpainting U-Net: latents + mask + masked-image latents); this one "
+                             f"takes {in_channels}")
+        given = (height, width)
+        pixels, (height, width) = _inpaint_image(image, height, width)
+        try:
+            self._check_size(height, width)
+        except ValueError as e:
+            if given == (None, None):
+                raise ValueError(f"the image is {height}x{width} px: {e}; or pass height= and width= to resize it "
+                                 "(as diffusers does)") from None
+            raise
+        pixels = _resize_nearest(pixels, height, width)
+        m = _inpaint_mask(mask, height, width)
+        n = len(prompts)
+        for name, count in (("images", len(pixels)), ("masks", len(m))):
+            if count not in (1, n):
+                raise ValueError(f"{count} {name} for {n} prompt(s): give one (used for every prompt) or one per prompt")
+        if len(pixels) != len(m) and 1 not in (len(pixels), len(m)):
+            raise ValueError(f"{len(pixels)} images but {len(m)} masks: give one mask per image, or one for all")
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        context = self._context(prompts, negatives, guidance)
+
+        sched.set_timesteps(steps)
+        start = steps - min(int(steps * strength), steps)
+        timesteps = sched.timesteps[start:]
+        if start == steps:                        # as diffusers (PNDM's list is one longer than `steps`)
+            raise ValueError(f"strength={strength} with steps={steps} leaves no sampling step: raise either")
+        pixels = 2 * pixels - 1                                            # [0, 1] -> [-1, 1]
+        blending = in_channels == c
+        # the generator's draws in diffusers' order: image latents (when used), noise, masked-image latents
+        known = None
+        if blending or strength < 1.0:
+            known = self._encode_sample(pixels, generator)
+            known = known.repeat(n // len(known), 1, 1, 1)
+        noise = self._noise((n, c, height // f, width // f), generator)
+        if strength == 1.0:
+            latents = noise * sched.init_noise_sigma
+        else:
+            latents = sched.add_noise(known, noise, timesteps[0])
+        masked = pixels * (m < 0.5)                                         # the repainted part set to 0 (grey)
+        masked_latents = self._encode_sample(masked, generator)        # drawn even when blending, as diffusers
+        small = torch.nn.functional.interpolate(m, size=(height // f, width // f)).to(self.device, self.dtype)
+        small = small.repeat(n // len(small), 1, 1, 1)
+        masked_latents = masked_latents.repeat(n // len(masked_latents), 1, 1, 1)
+
+        extra = after_step = None
+        if blending:
+            def after_step(i, t, x):
+                # the known region, noised with the same noise to where the next step starts
+                target = known if i == len(timesteps) - 1 else sched.add_noise(known, noise, timesteps[i + 1])
+                return (1 - small) * target + small * x
+        else:
+            extra = torch.cat([small, masked_latents], dim=1)              # (B, 1 + c, h, w)
+        latents = denoise(self.unet, latents, context, sched, timesteps, guidance if guidance > 1.0 else None,
+                          generator, progress, extra=extra, after_step=after_step)
         return self._output(latents, output_type)
 
 
@@ -500,6 +611,67 @@ def _control_tensor(image, height, width, channels, name):
         raise ValueError(f"{name}: this ControlNet takes {channels}-channel control images; pass a float tensor "
                          f"(B, {channels}, H, W)")
     return torch.from_numpy(np.stack(pils)).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+
+
+def _inpaint_image(image, height, width):
+    """inpaint's `image` -> (float tensor (N, 3, H', W') in [0, 1], (height, width)): the size
+    defaults to the image's; a PIL image is resized to it with Lanczos (diffusers' VaeImageProcessor),
+    arrays and tensors later with nearest neighbours."""
+    from PIL import Image
+    pil = [image] if isinstance(image, Image.Image) else image if (
+        isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image)) else None
+    if pil is not None:
+        height = pil[0].height if height is None else height
+        width = pil[0].width if width is None else width
+        sized = [i if i.size == (width, height) else i.resize((width, height), Image.LANCZOS) for i in pil]
+        return torch.cat([_to_tensor(i) for i in sized]), (height, width)
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        pixels = torch.cat([_to_tensor(i) for i in image])
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        pixels = _to_tensor(image)
+    else:
+        raise TypeError(f"image must be a PIL image, a uint8 array (H, W, 3) or a float tensor (N, 3, H, W) in "
+                        f"[0, 1]; got {type(image).__name__}")
+    height = pixels.shape[2] if height is None else height
+    width = pixels.shape[3] if width is None else width
+    return pixels, (height, width)
+
+
+def _resize_nearest(x, height, width):
+    """Arrays and tensors are resized as diffusers' processors do: F.interpolate, nearest."""
+    if tuple(x.shape[2:]) == (height, width):
+        return x
+    return torch.nn.functional.interpolate(x, size=(height, width))
+
+
+def _inpaint_mask(mask, height, width):
+    """inpaint's `mask` -> float tensor (N, 1, height, width) of 0 and 1 (1 = repaint), as diffusers'
+    mask processor: grey, resized (PIL: Lanczos; arrays, tensors: nearest), then >= 0.5 -> 1."""
+    from PIL import Image
+    if isinstance(mask, Image.Image):
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.LANCZOS)
+        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
+    elif isinstance(mask, np.ndarray):
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[..., 0]
+        if mask.ndim != 2 or mask.dtype not in (np.uint8, np.bool_, np.float32, np.float64):
+            raise ValueError(f"mask: an array mask must be (H, W) of uint8 (0-255), bool or float in [0, 1]; got "
+                             f"{mask.shape} {mask.dtype}")
+        m = torch.from_numpy(mask.astype(np.float32) / (255 if mask.dtype == np.uint8 else 1))[None, None]
+    elif isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.bool:
+            mask = mask.float()
+        if not mask.is_floating_point() or mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+            raise ValueError(f"mask: a tensor mask must be float in [0, 1], (H, W), (N, H, W) or (N, 1, H, W); got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        m = mask[None, None] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
+        m = m.float()
+    else:
+        raise TypeError(f"mask must be an image: a PIL image, a uint8 or bool array (H, W), or a float tensor "
+                        f"(N, 1, H, W) in [0, 1] (white = repaint); got {type(mask).__name__}")
+    m = _resize_nearest(m, height, width)
+    return (m >= 0.5).float()
 
 
 def main(argv=None):

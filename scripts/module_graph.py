@@ -21,7 +21,7 @@ LAYERS = [
     ("weights", {"minisd.weights", "minisd.checkpoint", "minisd.lora", "minisd.textual_inversion", "minisd.controlnet"}),
     ("pipeline", {"minisd.pipeline"}),
     ("trainers and CLI", {"minisd", "minisd.train", "minisd.train.vae", "minisd.train.clip", "minisd.train.unet",
-                          "minisd.train.lora", "minisd.train.lora_folder", "minisd.train.ti", "minisd.train.controlnet", "minisd.train.lcm", "minisd.benchmark", "minisd.evaluate",
+                          "minisd.train.lora", "minisd.train.lora_folder", "minisd.train.ti", "minisd.train.controlnet", "minisd.train.lcm", "minisd.train.inpaint", "minisd.benchmark", "minisd.evaluate",
                           "minisd.__main__"}),
 ]
 
