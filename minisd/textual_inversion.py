@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .paths import write_atomically
 from .weights import WeightsError, check_not_lfs_pointer
 
 WIDTHS = {768: "SD 1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's second text encoder"}
@@ -143,15 +144,14 @@ def save(pipe, token, path):
     A1111's `.pt` (`string_to_param`) if the path ends in .pt. Written to a temporary name, then renamed."""
     path = Path(path)
     vectors = embedding(pipe.tokenizer, pipe.text_encoder, token).float().cpu().contiguous()
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file({token: vectors}, str(tmp), metadata={"format": "pt"})
+        write_atomically(path, lambda tmp: save_file({token: vectors}, tmp, metadata={"format": "pt"}))
     elif path.suffix == ".pt":
-        torch.save({"string_to_param": {"*": vectors}, "name": token, "string_to_token": {"*": 265}}, tmp)
+        write_atomically(path, lambda tmp: torch.save({"string_to_param": {"*": vectors}, "name": token,
+                                                       "string_to_token": {"*": 265}}, tmp))
     elif path.suffix == ".bin":
-        torch.save({token: vectors}, tmp)
+        write_atomically(path, lambda tmp: torch.save({token: vectors}, tmp))
     else:
         raise ValueError(f"{path}: write .safetensors (diffusers' learned_embeds), .bin or .pt (A1111)")
-    tmp.replace(path)
     return path

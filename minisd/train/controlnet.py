@@ -223,7 +223,7 @@ def cli_controlnet(argv):
                     metadata={"command": command, "train_wall_seconds": f"{wall:.0f}",
                               "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
     log_path = args.out.with_name(args.out.stem + "_log.json")
-    log_path.write_text(json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
+    paths.write_text(log_path, json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
                                     "lr": args.lr, "images": args.images, "conflict": args.conflict,
                                     "train_wall_seconds": round(wall), "train_cpu_seconds": round(cpu),
                                     "threads": args.threads, "evaluation": evaluation, "probe": log["probe"],

@@ -291,7 +291,7 @@ def cli_inpaint(argv):
                         metadata={"command": command, "base": base_path.name, "train_wall_seconds": f"{wall:.0f}",
                                   "train_cpu_seconds": f"{cpu:.0f}", "threads": str(args.threads)})
         log_path = out.with_name(out.stem + "_log.json")
-        log_path.write_text(json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
+        paths.write_text(log_path, json.dumps({"command": command, "steps": args.steps, "batch_size": args.batch_size,
                                         "lr": args.lr, "images": args.images, "full_mask": args.full_mask,
                                         "seed": args.seed, "threads": args.threads,
                                         "train_wall_seconds": round(wall), "train_cpu_seconds": round(cpu),
@@ -306,7 +306,7 @@ def cli_inpaint(argv):
               "outside": "PSNR (dB) of the pixels outside the mask against the original",
               "intervals": "95 %: Wilson for rates, normal for means",
               "eval_cpu_seconds": round(time.process_time() - c0, 1), "rows": rows}
-    eval_out.write_text(json.dumps(record, indent=1))
+    paths.write_text(eval_out, json.dumps(record, indent=1))
     print(json.dumps(rows, indent=1))
     print(f"wrote {eval_out}")
     return 0

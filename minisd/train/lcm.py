@@ -219,7 +219,7 @@ def cli_lcm(argv):
                         metadata={"command": command, "weights": "target (EMA)", "teacher_guidance": str(guidance),
                                   "train_wall_seconds": f"{wall:.0f}", "train_cpu_seconds": f"{cpu:.0f}",
                                   "threads": str(args.threads)})
-        log_path.write_text(json.dumps({
+        paths.write_text(log_path, json.dumps({
             "command": command, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "ema_decay": args.ema_decay, "skip": args.skip, "loss_type": args.loss, "guidance": guidance,
             "images": args.images, "teacher_sampling": teacher_sampling, "train_wall_seconds": round(wall),
@@ -233,7 +233,7 @@ def cli_lcm(argv):
         from .. import data
         table = {"command": command, "held_out_combinations": len(data.HELD_OUT), "seeds": list(EVAL_SEEDS),
                  "threads": args.threads, "wall_seconds": round(time.time() - t0), "rows": rows}
-        eval_path.write_text(json.dumps(table, indent=1))
+        paths.write_text(eval_path, json.dumps(table, indent=1))
         for k, r in rows.items():
             print(f"{k:12s} colour {r['colour'][0]:.3f} shape {r['shape'][0]:.3f} position {r['position'][0]:.3f} "
                   f"fidelity {r['fidelity'][0]:.3f} [{r['fidelity'][1]:.3f}, {r['fidelity'][2]:.3f}] "

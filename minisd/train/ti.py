@@ -1,6 +1,7 @@
 """Textual inversion on the course model (chapter 16): `python -m minisd train ti --concept bar`
 learns the vector(s) of a new word `<bar>` with the U-Net, VAE and text encoder frozen, and
 `python -m minisd train ti --compare` measures it against chapter 13's LoRA on the same prompts."""
+from .. import paths
 from types import SimpleNamespace
 
 from torch import nn
@@ -221,7 +222,7 @@ def cli_ti(argv):
         table = compare()
         table["command"], table["wall_seconds"] = command, round(time.time() - t0, 1)
         path = paths.DATA_DIR / "course_ti_comparison.json"
-        path.write_text(json.dumps(table, indent=1))
+        paths.write_text(path, json.dumps(table, indent=1))
         print(f"wrote {path} ({table['wall_seconds']:.0f} s)")
         return 0
     if args.concept not in data.NEW_SHAPES and args.concept not in data.NEW_COLOURS:
@@ -245,7 +246,7 @@ def cli_ti(argv):
               "trained_parameters": args.vectors * text_encoder.config.width,
               "loss": [round(v, 5) for v in log["loss"]], "norm": [round(v, 4) for v in log["norm"][::10]]}
     log_path = out.with_name(out.stem + "_log.json")
-    log_path.write_text(json.dumps(record, indent=1))
+    paths.write_text(log_path, json.dumps(record, indent=1))
     print(f"trained {token} in {wall:.0f} s wall ({cpu:.0f} s CPU, {args.threads} threads); wrote {out} "
           f"({record['file_bytes']:,d} bytes) and {log_path}")
     return 0
