@@ -469,22 +469,38 @@ plt.show()
 # %% [markdown]
 # ## Judged automatically
 #
-# `minisd.metrics.Judge` (chapter 12) reads each image's colour (a vote of the foreground
-# pixels), position (the centroid) and shape (a small CNN trained on real course images).
-# Here it scores one image for each of the 90 prompts, then the 9 held-out combinations
-# with 10 seeds each; and, for scale, its own accuracy on real course images.
+# Two measures of chapter 12 read the samples. `minisd.metrics.Judge` is *learned*: it reads
+# each image's colour (a vote of the foreground pixels), position (the centroid) and shape (a
+# small CNN trained on real course images), and says right or wrong. `minisd.metrics.fidelity`
+# is *written from the data's drawing code*: it fits the caption's ideal shape (centre and
+# size) to the image and reports the soft IoU between the image's foreground and that shape,
+# 1 for a perfect drawing, with a pixel judge of colour, shape and position beside it. A
+# right/wrong judge saturates once every image is recognisable; the fidelity goes on
+# measuring how well each shape is drawn. Both score one image for each of the 90 prompts
+# (at the model's own sampling settings), then the 9 held-out combinations with 10 seeds
+# each; and, for scale, real course images.
 
 # %%
 judge = minisd.metrics.Judge.load()
 combos = data.combinations()
 acc_all, gen, caps = train.judge_course_unet(pipe.unet, vae, contexts, prompts, judge, combos, seeds=(0,))
-acc_held, _, _ = train.judge_course_unet(pipe.unet, vae, contexts, prompts, judge, data.HELD_OUT, seeds=range(10))
+acc_held, gen_held, caps_held = train.judge_course_unet(pipe.unet, vae, contexts, prompts, judge, data.HELD_OUT,
+                                                        seeds=range(10))
 real_images, real_captions = data.sample(500, seed=12345)
 acc_real = judge.accuracy(real_images, real_captions)
-rows = [("90 prompts x 1 seed", acc_all), ("9 held-out x 10 seeds", acc_held), ("real images (judge)", acc_real)]
-print(f"{'':24s}{'colour':>8s}{'shape':>8s}{'position':>10s}{'all':>7s}")
-for name, a in rows:
-    print(f"{name:24s}{a['colour']:8.1%}{a['shape']:8.1%}{a['position']:10.1%}{a['all']:7.1%}")
+fid_all, fid_held = minisd.metrics.fidelity(gen, caps), minisd.metrics.fidelity(gen_held, caps_held)
+fid_real = minisd.metrics.fidelity(real_images[:90], real_captions[:90])
+rows = [("90 prompts x 1 seed", acc_all, fid_all), ("9 held-out x 10 seeds", acc_held, fid_held),
+        ("real images", acc_real, fid_real)]
+print(f"{'':24s}{'learned judge':^33s} | {'pixel judge':^25s} | fidelity")
+print(f"{'':24s}{'colour':>8s}{'shape':>8s}{'position':>10s}{'all':>7s} | "
+      f"{'colour':>7s}{'shape':>7s}{'position':>10s} | {'mean [95 % interval]':>22s}")
+for name, a, f in rows:
+    m = minisd.metrics.mean_interval(f["fidelity"])
+    print(f"{name:24s}{a['colour']:8.1%}{a['shape']:8.1%}{a['position']:10.1%}{a['all']:7.1%} | "
+          f"{f['colour'].mean():7.0%}{f['shape'].mean():7.0%}{f['position'].mean():10.0%} | "
+          f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]")
+print("(the learned judge's real-image row is on 500 images, the pixel judge's and the fidelity's on the first 90)")
 
 # %% [markdown]
 # ### Guidance needs the dropout
@@ -495,7 +511,7 @@ for name, a in rows:
 # course model's guidance such a context in place of `""`: the pipeline's `negative_prompt` is
 # exactly the prompt of the unconditional branch, and a prompt from outside the course, such as
 # "a photo of a dog", never appeared in its training. Same 15 prompts (every sixth of the 90),
-# seed 0, 10 DDIM steps, guidance 4:
+# seed 0, 10 DDIM steps, guidance 4 (a strong push, so that the unconditional branch matters):
 
 # %%
 cfg_prompts = [data.caption(*c) for c in combos[::6]]
@@ -504,8 +520,10 @@ for neg in ["", "a photo of a dog"]:
     cfg[neg] = pipe(cfg_prompts, negative_prompt=neg, steps=10, guidance=4.0, scheduler="ddim", seed=0,
                     output_type="np", progress=False)
     acc = judge.accuracy((cfg[neg] * 255).round().astype(np.uint8), cfg_prompts)
-    print(f"unconditional branch {neg!r:20s}" + "".join(f"{k} {v:6.1%}  " for k, v in acc.items()))
-    cfg[neg, "acc"] = acc
+    fid = minisd.metrics.fidelity((cfg[neg] * 255).round().astype(np.uint8), cfg_prompts)
+    print(f"unconditional branch {neg!r:20s}" + "".join(f"{k} {v:6.1%}  " for k, v in acc.items())
+          + f"| pixel colour {fid['colour'].mean():6.1%}  fidelity {fid['fidelity'].mean():.3f}")
+    cfg[neg, "acc"], cfg[neg, "fid"] = acc, fid
 assert cfg["", "acc"]["all"] == 1.0 and cfg["a photo of a dog", "acc"]["colour"] < 0.6
 
 # %% [markdown]

@@ -642,36 +642,57 @@ assert max(starts) < 0.05 * split["10-step DDIM vs the reference (all of its err
 # Now the real thing: chapter 9's course model (`StableDiffusion.course_model()`: the course
 # VAE, CLIP text encoder and U-Net, 32x32 images from 8x8x4 latents). Its checkpoint stores its
 # sampling defaults (printed below with the pipeline). To score samples without looking at them we use
-# `minisd.metrics.Judge` (chapter 12), which reads colour, shape and position off an image.
-# The judge is itself a model that can be wrong, so first its accuracy on *real* course
-# images: the ceiling any generated-image score below should be read against.
+# two measures of chapter 12. `minisd.metrics.Judge` is a learned judge: it reads colour,
+# shape and position off an image and says right or wrong. `minisd.metrics.fidelity` is
+# written from the data's drawing code, not learned: it fits the caption's ideal shape to the
+# image (centre and size) and reports the soft IoU between the image's foreground and that
+# shape, 1 for a perfect drawing; beside it a *pixel judge* reads colour, shape (the best
+# fitting of circle, square, triangle) and position. A right/wrong judge saturates once
+# every image is recognisable; the fidelity keeps measuring how *well* the shape is drawn.
+# Both are read first on *real* course images: the ceiling any generated-image score below
+# should be read against.
 
 # %%
-from minisd import data
+from minisd import data, metrics
 
 pipe = minisd.StableDiffusion.course_model()
 judge = minisd.metrics.Judge.load()
+G = pipe.guidance    # the course model's own guidance scale, stored in its checkpoint
 print(pipe)
 real_images, real_captions = data.sample(300, seed=12345)
 acc_real = judge.accuracy(real_images, real_captions)
-print("judge on 300 real images:", "  ".join(f"{k} {v:.1%}" for k, v in acc_real.items()))
+print("learned judge on 300 real images:", "  ".join(f"{k} {v:.1%}" for k, v in acc_real.items()))
 
 
 def to_uint8(images):
-    """The pipeline's float images (N, H, W, 3) in [0, 1] -> uint8 for the judge and for plots."""
+    """The pipeline's float images (N, H, W, 3) in [0, 1] -> uint8 for the judges and for plots."""
     return (images * 255).round().astype(np.uint8)
+
+
+def read(images, captions):
+    """Both measures on uint8 images: the learned judge's all-three-right rate, the pixel judge's
+    shape rate, and the mean fidelity with its 95 % interval (mean, lo, hi)."""
+    per = metrics.fidelity(images, captions)
+    return dict(judge=judge.accuracy(images, captions)["all"], pixel_shape=per["shape"].mean(),
+                fidelity=metrics.mean_interval(per["fidelity"]), per=per)
+
+
+real_read = read(real_images[:60], real_captions[:60])
+f, lo, hi = real_read["fidelity"]
+print(f"60 real images: pixel judge shape {real_read['pixel_shape']:.0%}, fidelity {f:.3f} [{lo:.3f}, {hi:.3f}], "
+      f"lowest {real_read['per']['fidelity'].min():.3f}")
 
 
 # %% [markdown]
 # ### The five samplers, same prompt, same seed
 #
-# Three prompts, each sampler 25 steps at guidance 4, all from the same initial noise
+# Three prompts, each sampler 25 steps at the model's guidance, all from the same initial noise
 # (`seed=0`). The deterministic samplers walk the same ODE and should land on nearly the
 # same picture; DDPM draws fresh noise at every step and may wander off.
 
 # %%
 show_prompts = ["a red circle in the top left", "a green triangle in the center", "a blue square in the bottom right"]
-grid = {name: to_uint8(pipe(show_prompts, steps=25, guidance=4.0, scheduler=name, seed=0, output_type="np",
+grid = {name: to_uint8(pipe(show_prompts, steps=25, guidance=G, scheduler=name, seed=0, output_type="np",
                             progress=False)) for name in NAMES}
 print("each sampler's images:", grid["ddim"].shape)
 fig, axes = plt.subplots(len(show_prompts), len(NAMES), figsize=(9, 5.6))
@@ -682,12 +703,14 @@ for j, name in enumerate(NAMES):
         axes[i, j].set(xticks=[], yticks=[])
         if j == 0:
             axes[i, j].set_ylabel(prompt.replace(" in the ", "\nin the "), fontsize=8)
-fig.suptitle("the course model, 25 steps, guidance 4, seed 0", fontsize=10)
+fig.suptitle(f"the course model, 25 steps, guidance {G:g}, seed 0", fontsize=10)
 plt.tight_layout()
 plt.show()
 for name in NAMES:
     d = np.abs(grid[name].astype(int) - grid["ddim"].astype(int)).mean()
-    print(f"{name:8s} mean |pixel - DDIM's| = {d:5.1f} / 255")
+    fid = metrics.fidelity(grid[name], show_prompts)["fidelity"]
+    print(f"{name:8s} mean |pixel - DDIM's| = {d:5.1f} / 255   fidelity of the three: "
+          + "  ".join(f"{v:.3f}" for v in fid))
 
 # %% [markdown]
 # The circle and the triangle come out alike from all five. The blue square does not: the
@@ -705,7 +728,7 @@ for name in NAMES:
 # model believes the picture will be; decoding $x_t$ itself shows what it actually holds.
 
 # %%
-prompt, guidance = "a magenta triangle in the top right", 4.0
+prompt, guidance = "a magenta triangle in the top right", G
 sched = make_scheduler("ddim")
 sched.set_timesteps(25)
 with torch.no_grad():
@@ -719,7 +742,7 @@ with torch.no_grad():
         x0s.append(sched.pred_x0)
     xts, x0s = torch.cat(xts), torch.cat(x0s)  # (25, 4, 8, 8) each
     rows = to_uint8(pipe.decode(torch.cat([xts, x0s])).permute(0, 2, 3, 1).numpy())  # (50, 32, 32, 3)
-same = np.array_equal(rows[24], to_uint8(pipe(prompt, steps=25, guidance=4.0, scheduler="ddim", seed=0,
+same = np.array_equal(rows[24], to_uint8(pipe(prompt, steps=25, guidance=G, scheduler="ddim", seed=0,
                                               output_type="np", progress=False))[0])
 print("latents per step:", tuple(xts.shape), " decoded:", rows.shape, " last step == pipe(...):", same)
 keep = list(range(0, 25, 2))
@@ -752,19 +775,23 @@ plt.show()
 
 # %%
 prompts = [data.caption(*c) for c in data.combinations()[::6]]
-SCALES = [0.0, 1.0, 2.0, 4.0, 8.0]
+SCALES = sorted({0.0, 1.0, 2.0, 4.0, 8.0, G})
 sweep = {}
 for s in SCALES:
     asked = [""] * len(prompts) if s == 0 else prompts
     sweep[s] = to_uint8(pipe(asked, steps=25, guidance=max(s, 1.0), scheduler="ddim", seed=0, output_type="np",
                              progress=False))
 print(len(prompts), "prompts, e.g.", prompts[:2])
-print(f"{'':18s}{'colour':>8s}{'shape':>8s}{'position':>10s}{'all':>7s}")
-print(f"{'real images':18s}" + "".join(f"{acc_real[k]:{w}.1%}" for k, w in [("colour", 8), ("shape", 8), ("position", 10), ("all", 7)]))
-sweep_acc = {}
+print(f"{'':18s}{'learned judge:':>14s}{'':20s}{'pixel':>9s}")
+print(f"{'':18s}{'colour':>8s}{'shape':>8s}{'position':>10s}{'all':>7s}{'shape':>9s}{'fidelity':>10s}")
+print(f"{'real images':18s}" + "".join(f"{acc_real[k]:{w}.1%}" for k, w in [("colour", 8), ("shape", 8), ("position", 10), ("all", 7)])
+      + f"{real_read['pixel_shape']:9.1%}{real_read['fidelity'][0]:10.3f}")
+sweep_acc, sweep_per = {}, {}
 for s in SCALES:
     sweep_acc[s] = judge.accuracy(sweep[s], prompts)
-    print(f"{f'guidance {s:g}':18s}" + "".join(f"{sweep_acc[s][k]:{w}.1%}" for k, w in [("colour", 8), ("shape", 8), ("position", 10), ("all", 7)]))
+    sweep_per[s] = metrics.fidelity(sweep[s], prompts)
+    print(f"{f'guidance {s:g}':18s}" + "".join(f"{sweep_acc[s][k]:{w}.1%}" for k, w in [("colour", 8), ("shape", 8), ("position", 10), ("all", 7)])
+          + f"{sweep_per[s]['shape'].mean():9.1%}{sweep_per[s]['fidelity'].mean():10.3f}")
 
 fig, axes = plt.subplots(4, len(SCALES), figsize=(7.5, 6.6))
 for j, s in enumerate(SCALES):
@@ -786,29 +813,93 @@ plt.show()
 # corners and a faint halo appears, though the judge still reads them right. (On SD the same
 # push shows as over-saturated, over-contrasted images.)
 #
+# ### Where over-guidance starts to bend the shapes
+#
+# A right/wrong judge cannot say how well a shape is drawn, so it cannot say where the price of
+# guidance starts. The fidelity can. The same 15 prompts with two seeds (30 images per scale,
+# seed 0's are the images above), 25 DDIM steps, at scales from 1 to 8; each point is the mean
+# fidelity with its 95 % interval (mean $\pm 1.96\,s/\sqrt{n}$, `metrics.mean_interval`), and
+# beside it the two judges' rates with their 95 % Wilson intervals (`metrics.wilson_interval`).
+
+# %%
+FINE = sorted({1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, G})
+SEEDS = (0, 1)
+curve = {}
+for s in FINE:
+    per = [sweep_per[s] if (seed == 0 and s in sweep_per) else metrics.fidelity(to_uint8(
+        pipe(prompts, steps=25, guidance=s, scheduler="ddim", seed=seed, output_type="np", progress=False)), prompts)
+        for seed in SEEDS]
+    per = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
+    n = len(per["fidelity"])
+    curve[s] = dict(n=n, fidelity=metrics.mean_interval(per["fidelity"]),
+                    pixel_all=per["colour"] & per["shape"] & per["position"], worst=per["fidelity"].min())
+    right = int(curve[s]["pixel_all"].sum())
+    curve[s]["pixel_rate"] = (right / n, *metrics.wilson_interval(right, n))
+print(f"{'':10s}{'fidelity [95 % interval]':>27s}{'lowest':>8s}{'pixel judge, all three right':>31s}")
+f_real = real_read["fidelity"]
+print(f"{'real':10s}{f_real[0]:10.3f} [{f_real[1]:.3f}, {f_real[2]:.3f}]{real_read['per']['fidelity'].min():8.3f}")
+for s in FINE:
+    f, p = curve[s]["fidelity"], curve[s]["pixel_rate"]
+    print(f"s = {s:<6g}{f[0]:10.3f} [{f[1]:.3f}, {f[2]:.3f}]{curve[s]['worst']:8.3f}"
+          f"{p[0]:16.0%} [{p[1]:.0%}, {p[2]:.0%}]" + ("   <- the model's default" if s == G else ""))
+
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+means = np.array([curve[s]["fidelity"] for s in FINE])
+ax.errorbar(FINE, means[:, 0], yerr=[means[:, 0] - means[:, 1], means[:, 2] - means[:, 0]], fmt="o-", capsize=3,
+            label=f"course model ({curve[FINE[0]]['n']} images per point)")
+ax.axhspan(f_real[1], f_real[2], color="k", alpha=0.15)
+ax.axhline(f_real[0], color="k", ls=":", label="real images")
+ax.axvline(G, color="grey", ls="--", lw=0.8, label=f"the model's default, s = {G:g}")
+ax.set(xscale="log", xticks=FINE, xticklabels=[f"{s:g}" for s in FINE], xlabel="guidance scale s",
+       ylabel="mean fidelity (soft IoU with the fitted shape)", title="fidelity vs guidance, 95 % intervals")
+ax.minorticks_off()
+ax.legend(fontsize=8)
+rates = np.array([curve[s]["pixel_rate"] for s in FINE])
+ax2.errorbar(FINE, rates[:, 0], yerr=[rates[:, 0] - rates[:, 1], rates[:, 2] - rates[:, 0]], fmt="s-", capsize=3,
+             label="pixel judge: all three right")
+ax2.set(xscale="log", xticks=FINE, xticklabels=[f"{s:g}" for s in FINE], xlabel="guidance scale s", ylim=(0, 1.05),
+        title="the right/wrong reading, 95 % Wilson intervals")
+ax2.minorticks_off()
+ax2.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+best = max(FINE, key=lambda s: curve[s]["fidelity"][0])
+bent = [s for s in FINE if s > best and curve[s]["fidelity"][2] < curve[best]["fidelity"][1]]
+print(f"highest mean fidelity at s = {best:g}; the first larger scale whose interval lies wholly below it: "
+      f"{bent[0] if bent else 'none'}")
+assert all(curve[s]["fidelity"][0] < f_real[1] for s in FINE)   # no scale reaches real drawings
+
+# %% [markdown]
 # ### Steps vs quality
 #
-# Fewer steps means fewer U-Net calls. The same 15 prompts at guidance 4, DDIM against
-# PNDM (SD 1.5's default sampler), at 5, 10 and 25 steps:
+# Fewer steps means fewer U-Net calls. The same 15 prompts at the model's guidance, DDIM
+# against PNDM (SD 1.5's default sampler), at 5, 10 and 25 steps, read by both measures:
 
 # %%
 STEPS = [5, 10, 25]
-step_acc = {}
+step_acc, step_fid, step_images = {}, {}, {}
 for name in ["ddim", "pndm"]:
     for n in STEPS:
-        images = sweep[4.0] if (name, n) == ("ddim", 25) else to_uint8(
-            pipe(prompts, steps=n, guidance=4.0, scheduler=name, seed=0, output_type="np", progress=False))
+        images = sweep[G] if (name, n) == ("ddim", 25) and G in sweep else to_uint8(
+            pipe(prompts, steps=n, guidance=G, scheduler=name, seed=0, output_type="np", progress=False))
+        step_images[name, n] = images
         step_acc[name, n] = judge.accuracy(images, prompts)
-        print(f"{name:5s} {n:2d} steps: " + "  ".join(f"{k} {v:6.1%}" for k, v in step_acc[name, n].items()))
-plt.figure(figsize=(6, 3.8))
+        step_fid[name, n] = metrics.mean_interval(metrics.fidelity(images, prompts)["fidelity"])
+        print(f"{name:5s} {n:2d} steps: " + "  ".join(f"{k} {v:6.1%}" for k, v in step_acc[name, n].items())
+              + "   fidelity {:.3f} [{:.3f}, {:.3f}]".format(*step_fid[name, n]))
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
 for name in ["ddim", "pndm"]:
-    plt.plot(STEPS, [step_acc[name, n]["all"] for n in STEPS], "o-", label=name)
-plt.axhline(acc_real["all"], color="k", ls=":", label="judge on real images")
-plt.xlabel("steps")
-plt.ylabel("judged all-three-right accuracy")
-plt.title("steps vs quality, course model, guidance 4 (15 prompts)")
-plt.ylim(0, 1.05)
-plt.legend(fontsize=8)
+    ax.plot(STEPS, [step_acc[name, n]["all"] for n in STEPS], "o-", label=name)
+    f = np.array([step_fid[name, n] for n in STEPS])
+    ax2.errorbar(STEPS, f[:, 0], yerr=[f[:, 0] - f[:, 1], f[:, 2] - f[:, 0]], fmt="o-", capsize=3, label=name)
+ax.axhline(acc_real["all"], color="k", ls=":", label="real images")
+ax2.axhline(real_read["fidelity"][0], color="k", ls=":", label="real images")
+ax.set(xlabel="steps", xticks=STEPS, ylabel="learned judge: all three right", ylim=(0, 1.05),
+       title=f"steps vs quality, guidance {G:g} (15 prompts)")
+ax2.set(xlabel="steps", xticks=STEPS, ylabel="mean fidelity, 95 % interval", title="the same images, fidelity")
+ax.legend(fontsize=8)
+ax2.legend(fontsize=8)
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -835,7 +926,7 @@ plt.show()
 from minisd.schedulers import PNDM
 
 order_prompts = [data.caption(*c) for c in data.combinations()[::3]]
-ORDERS, GUIDANCES = [1, 2, 3, 4], [1.0, 2.0, 4.0]
+ORDERS, GUIDANCES = [1, 2, 3, 4], sorted({1.0, 2.0, 4.0, G})
 order_acc = {}
 for g in GUIDANCES:
     for k in ORDERS:
@@ -953,7 +1044,7 @@ assert spread[999].std(0).mean() < 0.1 and gap < 0.05
 # was trained with: the U-Net only sees $t$, the sampler turns $t$ into $\bar\alpha_t$. Build DDIM
 # on DDPM's linear schedule instead (SD 1.5's scheduler file with DDPM's betas:
 # `replace(SchedulerConfig.sd15(), beta_schedule="linear", beta_start=1e-4, beta_end=0.02)`), run the course model with it
-# (10 steps, guidance 4, the 15 sweep prompts; the pipeline takes a sampler object) and judge
+# (10 steps at the model's guidance, the 15 sweep prompts; the pipeline takes a sampler object) and judge
 # the images against 10-step DDIM on the right schedule from "Steps vs quality". What happens
 # to the images' brightness, and why?
 
@@ -964,7 +1055,7 @@ from minisd.diffusion import NoiseSchedule  # noqa: E402
 from minisd.schedulers import SchedulerConfig  # noqa: E402
 
 ddpm_betas = replace(SchedulerConfig.sd15(), beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-wrong_images = to_uint8(pipe(prompts, steps=10, guidance=4.0, scheduler=DDIM(ddpm_betas), seed=0,
+wrong_images = to_uint8(pipe(prompts, steps=10, guidance=G, scheduler=DDIM(ddpm_betas), seed=0,
                              output_type="np", progress=False))
 wrong_acc = judge.accuracy(wrong_images, prompts)
 print("right schedule (SD's):   " + "  ".join(f"{k} {v:6.1%}" for k, v in step_acc["ddim", 10].items()))
@@ -973,13 +1064,13 @@ abar_ddpm = NoiseSchedule.ddpm().alphas_cumprod
 for t in [901, 501, 101]:
     print(f"t = {t}: sqrt(abar) the U-Net was trained with {abar[t] ** 0.5:.3f}, the wrong sampler assumes "
           f"{abar_ddpm[t] ** 0.5:.3f}")
-print(f"mean pixel: wrong schedule {wrong_images.mean():.1f} / 255, right schedule (25 steps, the sweep's s = 4) "
-      f"{sweep[4.0].mean():.1f} / 255")
+print(f"mean pixel: wrong schedule {wrong_images.mean():.1f} / 255, right schedule (10 steps) "
+      f"{step_images['ddim', 10].mean():.1f} / 255")
 fig = data.show(wrong_images[:5], prompts[:5], ncols=5, fontsize=6)
 plt.show()
 # the sampler divides by a much smaller sqrt(abar) than the U-Net's noise level implies, so its
 # x0-hat is blown up: brighter images whose colours and shapes the judge misreads
-assert wrong_acc["all"] < 0.6 < step_acc["ddim", 10]["all"] and wrong_images.mean() > 1.5 * sweep[4.0].mean()
+assert wrong_acc["all"] < 0.6 < step_acc["ddim", 10]["all"] and wrong_images.mean() > 1.5 * step_images["ddim", 10].mean()
 
 # %% [markdown]
 # **Exercise 10.4 (★★)** A negative prompt replaces $\epsilon_u$ by the prediction for another

@@ -21,7 +21,7 @@
 # `minisd.metrics`: {term}`FID` (`metrics.frechet_distance`, `metrics.fid`) and {term}`CLIP score`
 # (`metrics.clip_score`), with the Fréchet distance derived and checked; then you will measure
 # them on the course model against guidance, sampler, steps and sample size, next to the
-# automatic judge (`metrics.Judge`).
+# automatic judge (`metrics.Judge`) and the fitted-shape fidelity (`metrics.fidelity`).
 #
 # How good is a text-to-image model? The seed notes name the two numbers everyone reports:
 # **FID** (Fréchet Inception Distance), which measures how *realistic* the images are as a
@@ -34,7 +34,11 @@
 # steps, and with the number of images they are computed from. Next to both stands a third
 # measure only the course can have: the automatic **judge** (`minisd.metrics.Judge`), which
 # reads colour, shape and position off a course image, so we can check whether a generated
-# image shows what its caption says.
+# image shows what its caption says. A right/wrong judge saturates once every image is
+# recognisable, so beside it stands a fourth measure that does not: the **fidelity**
+# (`minisd.metrics.fidelity`), which fits the caption's ideal shape (centre and size, drawn by
+# the data's own code) to the image and reports the soft IoU between the image's foreground
+# and that shape; 1 is a perfect drawing, real course images read about 0.998.
 #
 # One thing first, said plainly: published FIDs use the image features of **Inception-v3**
 # (an ImageNet classifier, 2048-d features of 299x299 images), and published CLIP scores use
@@ -74,8 +78,9 @@ def to_uint8(images):
     return (images * 255).round().astype(np.uint8)
 
 
-def generate(prompts, steps=10, guidance=4.0, scheduler="ddim"):
-    """The course model on a batch of prompts, seed 0: uint8 images (N, 32, 32, 3)."""
+def generate(prompts, steps=10, guidance=None, scheduler="ddim"):
+    """The course model on a batch of prompts, seed 0: uint8 images (N, 32, 32, 3); guidance None is
+    the model's own (pipe.guidance, stored in its checkpoint)."""
     return to_uint8(pipe(prompts, steps=steps, guidance=guidance, scheduler=scheduler, seed=0,
                          output_type="np", progress=False))
 
@@ -85,12 +90,13 @@ def generate(prompts, steps=10, guidance=4.0, scheduler="ddim"):
 #
 # The COCO protocol behind the FIDs in the SD papers: take the captions of a reference set of
 # real images, generate one image per caption, compare the two sets. We do the same with the
-# 400 real course images: one image per caption, 10 DDIM steps at guidance 4 (chapter 10
-# found 10 DDIM steps as good as 25 by the judge), all 400 in one batch.
+# 400 real course images: one image per caption, 10 DDIM steps at the model's own guidance
+# scale (printed below), all 400 in one batch.
 
 # %%
-gen = to_uint8(pipe(captions, steps=10, guidance=4.0, scheduler="ddim", seed=0, output_type="np"))
-print("generated:", gen.shape)
+G = pipe.guidance
+gen = to_uint8(pipe(captions, steps=10, guidance=G, scheduler="ddim", seed=0, output_type="np"))
+print("generated:", gen.shape, f"at guidance {G:g}")
 fig, axes = plt.subplots(2, 8, figsize=(9, 2.6))
 for j in range(8):
     for i, (images, label) in enumerate([(real, "real"), (gen, "model")]):
@@ -266,15 +272,27 @@ acc_real = judge.accuracy(real, captions)
 acc_gen = judge.accuracy(gen, captions)
 fid_floor = metrics.frechet_distance(f_real, f_twin)
 fid_gen = metrics.frechet_distance(f_real, f_gen)
-rows = [("real images (second draw)", fid_floor, metrics.clip_score(img["twin"], text), judge.accuracy(twin, captions)),
-        ("course model, DDIM 10, s=4", fid_gen, metrics.clip_score(img["gen"], text), acc_gen),
-        ("real images, shuffled captions", None, metrics.clip_score(img["real"], text.roll(1, 0)), None)]
-print("400 images each; FID against the 400 real images, judge: all three attributes right")
-print(f"{'':32s}{'FID':>7s}{'CLIP score':>12s}{'judge':>8s}")
-print(f"{'real images (the reference)':32s}{'0':>7s}{metrics.clip_score(img['real'], text):12.2f}{acc_real['all']:8.1%}")
-for name, f, cs, acc in rows:
+NF = 40   # the fidelity is read on the first NF images of each set (a fit per image and shape: ~0.06 s each)
+reads = {name: metrics.fidelity(x[:NF], captions[:NF]) for name, x in [("real", real), ("twin", twin), ("gen", gen)]}
+rows = [("real images (second draw)", fid_floor, metrics.clip_score(img["twin"], text), judge.accuracy(twin, captions),
+         reads["twin"]),
+        (f"course model, DDIM 10, s={G:g}", fid_gen, metrics.clip_score(img["gen"], text), acc_gen, reads["gen"]),
+        ("real images, shuffled captions", None, metrics.clip_score(img["real"], text.roll(1, 0)), None, None)]
+
+
+def fidelity_text(per):
+    """'mean [lo, hi]' of a metrics.fidelity result's fidelity, and the pixel judge's shape rate."""
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*metrics.mean_interval(per["fidelity"])) + f"{per['shape'].mean():7.0%}"
+
+
+print(f"400 images each; FID against the 400 real images, judge: all three attributes right; "
+      f"fidelity (95 % interval) and the pixel judge's shape rate on the first {NF}")
+print(f"{'':32s}{'FID':>7s}{'CLIP score':>12s}{'judge':>8s}{'fidelity':>15s}{'':9s}{'shape':>7s}")
+print(f"{'real images (the reference)':32s}{'0':>7s}{metrics.clip_score(img['real'], text):12.2f}{acc_real['all']:8.1%}"
+      f"  {fidelity_text(reads['real'])}")
+for name, f, cs, acc, per in rows:
     print(f"{name:32s}" + (f"{f:7.2f}" if f is not None else f"{'-':>7s}") + f"{cs:12.2f}"
-          + (f"{acc['all']:8.1%}" if acc is not None else f"{'-':>8s}"))
+          + (f"{acc['all']:8.1%}" if acc is not None else f"{'-':>8s}") + (f"  {fidelity_text(per)}" if per else ""))
 cos_gen = torch.nn.functional.cosine_similarity(img["gen"], text, dim=-1)
 print(f"the course model's score as Hessel et al.'s CLIP-S (w = 2.5): {2.5 * cos_gen.clamp(min=0).mean():.3f} "
       f"= 0.025 x {metrics.clip_score(img['gen'], text):.2f}")
@@ -303,27 +321,31 @@ print(f"the course model's score as Hessel et al.'s CLIP-S (w = 2.5): {2.5 * cos
 # curve. More guidance raises the CLIP score, and past a small $s$ makes FID *worse*, because
 # the samples become exaggerated and less varied. The curve is how one chooses $s$. The same sweep on the course model: the first 100 captions,
 # the same seed, 10 DDIM steps, $s$ from 1 (the conditional model alone) to 8. FID is
-# computed against the 100 real images with the same captions.
+# computed against the 100 real images with the same captions; the fidelity on the first 40
+# of each set, with its 95 % interval.
 
 # %%
 N = 100
-SCALES = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
+SCALES = sorted({1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, G})
 sweep = {}
 for s in tqdm(SCALES, desc="guidance sweep"):
-    images = gen[:N] if s == 4.0 else generate(captions[:N], guidance=s)   # s = 4 is the run above
+    images = gen[:N] if s == G else generate(captions[:N], guidance=s)   # s = G is the run above
     with torch.no_grad():
         feats, emb = course_features(images), clip.encode_image(data.to_tensor(images))
     sweep[s] = dict(fid=metrics.frechet_distance(f_real[:N], feats), clip=metrics.clip_score(emb, text[:N]),
-                    judge=judge.accuracy(images, captions[:N])["all"], images=images)
+                    judge=judge.accuracy(images, captions[:N])["all"], images=images,
+                    fidelity=metrics.mean_interval(metrics.fidelity(images[:NF], captions[:NF])["fidelity"]))
 floor_N = metrics.frechet_distance(f_real[:N], f_twin[:N])
 clip_real_N = metrics.clip_score(img["real"][:N], text[:N])
 acc_real_N = judge.accuracy(real[:N], captions[:N])["all"]
+fidelity_real = metrics.mean_interval(reads["real"]["fidelity"])
 print(f"{N} images each; judge on the {N} real images: {acc_real_N:.0%}; real-vs-real FID floor: {floor_N:.2f}; "
-      f"CLIP score of the real images: {clip_real_N:.2f}")
+      f"CLIP score of the real images: {clip_real_N:.2f}; fidelity of the first {NF} real: {fidelity_real[0]:.3f}")
 for s in SCALES:
-    print(f"s = {s:3g}: FID {sweep[s]['fid']:5.2f}   CLIP score {sweep[s]['clip']:6.2f}   judge {sweep[s]['judge']:5.0%}")
+    print(f"s = {s:3g}: FID {sweep[s]['fid']:5.2f}   CLIP score {sweep[s]['clip']:6.2f}   judge {sweep[s]['judge']:5.0%}"
+          "   fidelity {:.3f} [{:.3f}, {:.3f}]".format(*sweep[s]["fidelity"]) + ("   <- the model's default" if s == G else ""))
 
-fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [1.1, 1, 1.1]})
 ax.plot([sweep[s]["clip"] for s in SCALES], [sweep[s]["fid"] for s in SCALES], "o-")
 for s in SCALES:
     ax.annotate(f"s={s:g}", (sweep[s]["clip"], sweep[s]["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -332,6 +354,13 @@ ax.axvline(clip_real_N, color="gray", ls="--", label="real images' CLIP score")
 ax.set(xlabel="CLIP score (course CLIP), higher is better", ylabel="FID (course CLIP features), lower is better",
        title=f"guidance sweep, {N} images, DDIM 10 steps")
 ax.legend(fontsize=8)
+fs = np.array([sweep[s]["fidelity"] for s in SCALES])
+ax3.errorbar(SCALES, fs[:, 0], yerr=[fs[:, 0] - fs[:, 1], fs[:, 2] - fs[:, 0]], fmt="o-", capsize=3)
+ax3.axhline(fidelity_real[0], color="k", ls=":", label="real images")
+ax3.set(xscale="log", xticks=SCALES, xticklabels=[f"{s:g}" for s in SCALES], xlabel="guidance scale s",
+        ylabel="mean fidelity, 95 % interval", title=f"fidelity, first {NF} images")
+ax3.minorticks_off()
+ax3.legend(fontsize=8)
 ax2.imshow(np.concatenate([np.concatenate([sweep[s]["images"][k] for s in SCALES], axis=1) for k in range(4)]),
            interpolation="nearest")
 ax2.set(xticks=np.arange(len(SCALES)) * 32 + 16, xticklabels=[f"s={s:g}" for s in SCALES], yticks=[],
@@ -355,8 +384,8 @@ plt.show()
 #
 # ## Steps and sampler
 #
-# The same 100 prompts at guidance 4 with three samplers of chapter 10 at 5, 10 and 20 steps:
-# DDIM, DPM-Solver++ (2M) and PNDM, SD 1.5's default.
+# The same 100 prompts at the model's guidance with three samplers of chapter 10 at 5, 10 and
+# 20 steps: DDIM, DPM-Solver++ (2M) and PNDM, SD 1.5's default.
 
 # %%
 STEPS = [5, 10, 20]
@@ -368,21 +397,29 @@ for name in tqdm(SAMPLERS, desc="samplers"):
         with torch.no_grad():
             feats, emb = course_features(images), clip.encode_image(data.to_tensor(images))
         quality[name, n] = dict(fid=metrics.frechet_distance(f_real[:N], feats),
-                                clip=metrics.clip_score(emb, text[:N]), judge=judge.accuracy(images, captions[:N])["all"])
-print(f"{N} images each, guidance 4; judge on the real images: {acc_real_N:.0%}, FID floor {floor_N:.2f}")
+                                clip=metrics.clip_score(emb, text[:N]), judge=judge.accuracy(images, captions[:N])["all"],
+                                fidelity=metrics.mean_interval(metrics.fidelity(images[:NF], captions[:NF])["fidelity"]))
+print(f"{N} images each, guidance {G:g}; judge on the real images: {acc_real_N:.0%}, FID floor {floor_N:.2f}; "
+      f"fidelity on the first {NF} (real: {fidelity_real[0]:.3f})")
 for name in SAMPLERS:
     print(f"{name:8s}" + "   ".join(f"{n:2d} steps: FID {quality[name, n]['fid']:5.2f} CLIP {quality[name, n]['clip']:5.1f} "
-                                    f"judge {quality[name, n]['judge']:4.0%}" for n in STEPS))
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+                                    f"judge {quality[name, n]['judge']:4.0%} fidelity {quality[name, n]['fidelity'][0]:.3f}"
+                                    for n in STEPS))
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
 for key, ax, ref, label in [("fid", axes[0], floor_N, "FID (lower is better)"),
                             ("clip", axes[1], clip_real_N, "CLIP score (higher is better)"),
-                            ("judge", axes[2], acc_real_N, "judge: all three right")]:
+                            ("judge", axes[2], acc_real_N, "judge: all three right"),
+                            ("fidelity", axes[3], fidelity_real[0], f"fidelity, 95 % interval ({NF} images)")]:
     for name in SAMPLERS:
-        ax.plot(STEPS, [quality[name, n][key] for n in STEPS], "o-", label=name)
+        if key == "fidelity":
+            f = np.array([quality[name, n][key] for n in STEPS])
+            ax.errorbar(STEPS, f[:, 0], yerr=[f[:, 0] - f[:, 1], f[:, 2] - f[:, 0]], fmt="o-", capsize=3, label=name)
+        else:
+            ax.plot(STEPS, [quality[name, n][key] for n in STEPS], "o-", label=name)
     ax.axhline(ref, color="k", ls=":", label="real images")
     ax.set(xlabel="steps", xticks=STEPS, title=label)
 axes[0].set_yscale("log")
-axes[2].legend(fontsize=8)
+axes[3].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 

@@ -165,22 +165,30 @@ print(f"base U-Nets: course {c_base:,} parameters, SD 1.5 {s_base:,} ({s_base * 
 # concept. The test: encode real images of each concept, decode them, and let a judge read the
 # result. For the shapes the judge is a version of chapters 9-12's judge whose shape classifier
 # also learned the three new shapes (`data/course_judge_new_shapes.safetensors`); for orange it
-# is the course judge with orange added to its palette.
+# is the course judge with orange added to its palette. Beside the judge stands chapter 12's
+# fidelity (`metrics.fidelity`: the soft IoU of the image's foreground with the caption's
+# ideal shape, fitted; it knows the new shapes' drawing code too), which says how *well* a
+# reconstruction keeps the shape, not only whether it is recognisable; it is read on the first
+# 30 images of each set.
 
 # %%
-from minisd import train
+from minisd import metrics, train
 
-pipe = StableDiffusion.course_model()      # 25 DDIM steps, guidance 4
+pipe = StableDiffusion.course_model()
+print(pipe)
 candidates = ["bar", "plus", "ring", "orange"]
 fig, axes = plt.subplots(len(candidates), 8, figsize=(8, 4.6))
-print(f"{'concept':8s} {'judge on real':>14s} {'judge on VAE reconstructions':>29s}")
+print(f"{'concept':8s} {'judge on real':>14s} {'judge on VAE reconstructions':>29s} {'fidelity: real':>15s} {'VAE':>6s}")
+vae_fidelity = {}
 for r, concept in enumerate(candidates):
     real, captions = data.sample(300, seed=7, only=data.concept_combinations(concept))
     with torch.no_grad():
         rebuilt = data.to_uint8(pipe.vae.decode(pipe.vae.encode(data.to_tensor(real)).mean))
     candidate_judge = train.lora_judge(concept)
+    vae_fidelity[concept] = [metrics.fidelity(x[:30], captions[:30])["fidelity"].mean() for x in (real, rebuilt)]
     print(f"{concept:8s} {candidate_judge.accuracy(real, captions)['all']:14.1%} "
-          f"{candidate_judge.accuracy(rebuilt, captions)['all']:29.1%}")
+          f"{candidate_judge.accuracy(rebuilt, captions)['all']:29.1%} {vae_fidelity[concept][0]:15.3f} "
+          f"{vae_fidelity[concept][1]:6.3f}")
     for c in range(4):
         for k, (images, label) in enumerate(((real, "real"), (rebuilt, "VAE"))):
             ax = axes[r, 2 * c + k]
@@ -243,15 +251,19 @@ def generate(prompts, seed=0):
     return (pipe(prompts, seed=seed, output_type="np", progress=False) * 255).round().astype(np.uint8)
 
 
-def show_accuracy(name, images, prompts):
+def show_accuracy(name, images, prompts, every=1):
+    """The judge's rates, and the fidelity (mean and 95 % interval) on every `every`-th image."""
     acc = judge.accuracy(images, prompts)
-    print(f"{name:36s}", "  ".join(f"{k} {v:4.0%}" for k, v in acc.items()))
+    acc["fidelity"] = metrics.mean_interval(metrics.fidelity(images[::every], prompts[::every])["fidelity"])
+    print(f"{name:36s}", "  ".join(f"{k} {v:4.0%}" for k, v in acc.items() if k != "fidelity"),
+          "  fidelity {:.3f} [{:.3f}, {:.3f}]".format(*acc["fidelity"]))
     return acc
 
 
 before = {"new": generate(new_prompts, seed=0), "old": generate(old_prompts, seed=0)}
 acc_before = {"new": show_accuracy("base model, the 30 bar prompts", before["new"], new_prompts),
-              "old": show_accuracy("base model, the 90 course prompts", before["old"], old_prompts)}
+              "old": show_accuracy("base model, the 90 course prompts", before["old"], old_prompts, every=3)}
+print("(fidelity on the 30 bar images and on every third course image; real images read about 0.998)")
 seen = [g[1] for g in judge(before["new"])]
 print("shapes the judge saw for 'bar':", {s: seen.count(s) for s in sorted(set(seen), key=str)})
 
@@ -424,7 +436,9 @@ print(f"training took {log['train_cpu_seconds']:.0f} CPU seconds ({log['threads'
 lora.load(pipe, DATA_DIR / "course_lora_bar.safetensors")
 after = {"new": generate(new_prompts, seed=0), "old": generate(old_prompts, seed=0)}
 acc_after = {"new": show_accuracy("with the LoRA, the 30 bar prompts", after["new"], new_prompts),
-             "old": show_accuracy("with the LoRA, the 90 course prompts", after["old"], old_prompts)}
+             "old": show_accuracy("with the LoRA, the 90 course prompts", after["old"], old_prompts, every=3)}
+real_bar_fidelity = metrics.mean_interval(metrics.fidelity(real_new[:30], real_new_captions[:30])["fidelity"])
+print("real bar images, first 30: fidelity {:.3f} [{:.3f}, {:.3f}]".format(*real_bar_fidelity))
 
 # %%
 show = [new_prompts.index(data.caption(c, CONCEPT, p)) for c, p in zip(data.COLOURS, list(data.POSITIONS) * 2)]
@@ -432,6 +446,8 @@ fig, axes = plt.subplots(3, len(show), figsize=(9, 4.4))
 rows = [(real_new[[real_new_captions.index(new_prompts[i]) for i in show]], "real"),
         (before["new"][show], "base model"), (after["new"][show], "with LoRA")]
 seen_before, seen_after = judge(before["new"][show]), judge(after["new"][show])
+fid_before = metrics.fidelity(before["new"][show], [new_prompts[i] for i in show])["fidelity"]
+fid_after = metrics.fidelity(after["new"][show], [new_prompts[i] for i in show])["fidelity"]
 for r, (images, label) in enumerate(rows):
     for c in range(len(show)):
         ax = axes[r, c]
@@ -440,10 +456,11 @@ for r, (images, label) in enumerate(rows):
         if r == 0:
             ax.set_title(new_prompts[show[c]].removeprefix("a ").replace(" in the ", "\n"), fontsize=7)
         if r > 0:
-            ax.set_xlabel((seen_before if r == 1 else seen_after)[c][1], fontsize=8)
+            ax.set_xlabel(f"{(seen_before if r == 1 else seen_after)[c][1]} {(fid_before if r == 1 else fid_after)[c]:.2f}",
+                          fontsize=7)
     axes[r, 0].set_ylabel(label, fontsize=9)
 fig.suptitle('"a ... bar ...": real images, the base model, the model with the LoRA (seed 0; below each: the shape '
-             'the judge saw)', fontsize=9)
+             'the judge saw and the fidelity to a bar)', fontsize=9)
 plt.tight_layout()
 plt.show()
 
@@ -487,14 +504,15 @@ for c, s in enumerate(scales):
     for m in layers:
         m.scale = s
     images = generate(demo_prompts, seed=3)
+    bar_fidelity = metrics.fidelity(images, demo_prompts)["fidelity"]
     for r in range(len(demo_prompts)):
         axes[r, c].imshow(images[r])
         axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-        axes[r, c].set_xlabel(judge(images[r:r + 1])[0][1], fontsize=8)
+        axes[r, c].set_xlabel(f"{judge(images[r:r + 1])[0][1]} {bar_fidelity[r]:.2f}", fontsize=8)
         axes[0, c].set_title(f"scale {s:g}", fontsize=9)
 for m in layers:
     m.scale = 1.0
-plt.suptitle("LoRA strength (below each image: the shape the judge saw)", fontsize=10)
+plt.suptitle("LoRA strength (below each image: the shape the judge saw and the fidelity to a bar)", fontsize=10)
 plt.tight_layout()
 plt.show()
 
