@@ -934,13 +934,16 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# DDIM holds up at 5 steps on this model: the judge finds every image right, and its fidelity
-# moves by less than its own interval from 5 to 25 steps. PNDM, SD 1.5's default, falls far
-# behind at 5 and 10 steps by both measures, and catches up with DDIM only at 25. On the toy,
-# with an exact $\epsilon$, PNDM was among the most accurate at few steps, so the trouble lies
-# in how it meets this model. (These are 15 prompts with one seed each: one wrong image moves
-# a rate by 6.7 points. Where the judge is not saturated, as here for PNDM, its rate already
-# ranks the settings; the fidelity adds most where every image is right.)
+# DDIM holds up at 5 steps on this model: the judge finds every image right at both scales,
+# and at the model's own guidance its fidelity moves by less than its interval from 5 to 25
+# steps (at 4 the fewest steps cost a little more). PNDM, SD 1.5's default, is the sampler
+# that minds the steps, and it minds the guidance more: at the model's small scale it misses
+# some images only at 5 steps, while at 4 it falls far behind at 5 and 10 steps by both
+# measures, and is still behind at 25. On the toy, with an exact $\epsilon$, PNDM was among the
+# most accurate at few steps, so the trouble lies in how it meets this model. (These are 15
+# prompts with one seed each: one wrong image moves a rate by 6.7 points. Where the judge is
+# not saturated, as for PNDM at 4, its rate already ranks the settings; the fidelity adds most
+# where every image is right.)
 #
 # ### Why PNDM fails here: guidance meets a high-order blend
 #
