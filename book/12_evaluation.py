@@ -272,7 +272,7 @@ acc_real = judge.accuracy(real, captions)
 acc_gen = judge.accuracy(gen, captions)
 fid_floor = metrics.frechet_distance(f_real, f_twin)
 fid_gen = metrics.frechet_distance(f_real, f_gen)
-NF = 40   # the fidelity is read on the first NF images of each set (a fit per image and shape: ~0.06 s each)
+NF = 30   # the fidelity is read on the first NF images of each set (a fit per image and shape: ~0.06 s each)
 reads = {name: metrics.fidelity(x[:NF], captions[:NF]) for name, x in [("real", real), ("twin", twin), ("gen", gen)]}
 rows = [("real images (second draw)", fid_floor, metrics.clip_score(img["twin"], text), judge.accuracy(twin, captions),
          reads["twin"]),
@@ -321,7 +321,7 @@ print(f"the course model's score as Hessel et al.'s CLIP-S (w = 2.5): {2.5 * cos
 # curve. More guidance raises the CLIP score, and past a small $s$ makes FID *worse*, because
 # the samples become exaggerated and less varied. The curve is how one chooses $s$. The same sweep on the course model: the first 100 captions,
 # the same seed, 10 DDIM steps, $s$ from 1 (the conditional model alone) to 8. FID is
-# computed against the 100 real images with the same captions; the fidelity on the first 40
+# computed against the 100 real images with the same captions; the fidelity on the first 30
 # of each set, with its 95 % interval.
 
 # %%
