@@ -427,15 +427,16 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# All three measures tell chapter 10's story: on this model DDIM and DPM-Solver++ are done at
-# 10 steps by the judge and the CLIP score (DPM-Solver++ still misses some images at 5), while
-# PNDM, SD 1.5's default, is far behind at 5 and 10 steps and still behind at 20 (chapter 10
-# traced that to its fourth-order blend meeting guidance 4). The three
-# measures agree on the order of the samplers but not on the distances: where PNDM gets half
-# or more of its images wrong, FID grows six- to eighteen-fold and the CLIP score drops by
-# tens of points, while between two good settings FID still sees differences that the judge
-# cannot (every image already right): from 10 to 20 steps, DDIM's and DPM-Solver++'s FIDs
-# drop by about 15 %, while their CLIP scores rise by a fraction of a point.
+# The measures tell chapter 10's story at the model's own, small guidance: DDIM and
+# DPM-Solver++ are done by 5 steps by every measure, while PNDM, SD 1.5's default, is behind at
+# 5 steps and close to the others only from 10 (chapter 10 traced PNDM's trouble to its
+# fourth-order blend meeting strong guidance; at a small scale there is little of it). They
+# agree on the order of the samplers but not on the distances. Where PNDM gets a quarter of
+# its images wrong, the judge, FID and the fidelity all see it, FID most loudly (several times
+# the others'). Between two good settings the judge and the CLIP score have nothing left to
+# say, and FID's differences are within its noise at 100 images; the fidelity's differences
+# there are within its interval too: on this model, a few DDIM steps already draw as well as
+# many.
 #
 # ## How many images? FID's bias at small N
 #
