@@ -485,16 +485,18 @@ plt.show()
 # Two real sets of the same captions get an FID of 1.3 at N = 50 and 0.16 at N = 400: all of
 # it is the small-N bias, halving each time N doubles, and the fitted line goes through
 # (nearly) 0 at $1/N = 0$ as it should. The model's points follow a line of about the same
-# slope, shifted up: the bias is about the same, and the intercept, $\mathrm{FID}_\infty
-# \approx 4.7$, is the model's real distance from the data. At N = 50 the spread over subsets
-# (more than 1) is as large as the bias itself. The sweeps above compare settings on the same
-# 100 captions and the same noise, which cancels much of this spread, but a gap of a few
-# tenths should still not be trusted.
+# slope, shifted up a little: the bias is about the same, and the intercept (the fit printed
+# above, about 0.2) is the model's real distance from the data, a fraction of the bias at any
+# N here. At N = 50 and 100 the model's FID lies within the spread over subsets of two *real*
+# sets: with that few images FID cannot tell this model from its data, and at N = 50 the spread
+# is a sizeable part of the bias itself. The sweeps above compare settings on the same 100
+# captions and the same noise, which cancels some of this spread, but a gap of a few tenths
+# should still not be trusted.
 #
 # What FID over a few hundred images can tell:
 #
 # - which of two settings is better *when the gap is large* against the spread (PNDM at 5
-#   steps against DDIM at 10; $s = 1$ against $s = 2$);
+#   steps against DDIM at 10);
 # - that a model is not yet at the real-vs-real floor *at the same N*.
 #
 # What it cannot:
@@ -503,8 +505,8 @@ plt.show()
 #   another reference set (the SD papers' numbers use 30,000 COCO images and Inception-v3:
 #   nothing here is on that scale);
 # - rank two settings whose FIDs differ by less than the spread over subsets;
-# - say *what* is wrong: the judge does that for the course data, and for real data one
-#   looks at the images.
+# - say *what* is wrong, or how well a shape is drawn: the judge and the fidelity do that for
+#   the course data, and for real data one looks at the images.
 #
 # One more trap the course data makes visible, in the last printed line: a real set drawn
 # with its *own* random captions is about fifteen times further from the reference at N = 50
@@ -653,8 +655,11 @@ assert all(0.4 < null_fid[2 * n] / null_fid[n] < 0.6 for n in (100, 200, 400)) a
 # `metrics.frechet_distance` (FID's formula, the squared 2-Wasserstein distance between two
 # Gaussian fits, derived and checked against optimal transport between samples),
 # `metrics.fid` (features in, distance out), `metrics.clip_score` (torchmetrics' $w = 100$;
-# Hessel et al.'s CLIP-S is 0.025 times it) and the judge beside them, with the course CLIP as
-# the feature network. On the course model they tell one story with different resolutions:
-# guidance trades realism (best FID at $s = 1.5$) for prompt fidelity; samplers differ most
-# at few steps; and FID at a few hundred images carries a $k/N$ bias as large as the gaps it
-# is asked to rank. Next: changing what the model can draw, with a LoRA (chapter 13).
+# Hessel et al.'s CLIP-S is 0.025 times it), with the course CLIP as the feature network, and
+# beside them the judge and the fidelity (`metrics.fidelity`, the soft IoU with the fitted
+# ideal shape). On the course model they tell one story with different resolutions: the judge
+# and the CLIP score saturate once every image shows the right thing; FID at a few hundred
+# images carries a $k/N$ bias larger than this model's distance from its data; the fidelity,
+# which measures how well each shape is drawn, still separates the model from real drawings
+# and shows where guidance starts to cost. Samplers differ most at few steps. Next: changing
+# what the model can draw, with a LoRA (chapter 13).
