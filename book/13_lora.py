@@ -534,7 +534,9 @@ plt.show()
 
 # %% [markdown]
 # At 0.5 the base model's square is still there; at 1 the bar appears; at 1.5 it starts to
-# come apart, and at 2 the image is noise in which the judge's labels are guesses. The LoRA's
+# come apart, and at 2 the image is noise in which the judge's labels are guesses. The
+# fidelity to a bar (under each image) follows: it climbs from scale 0 to 1 and falls past it,
+# lowest at 2. The LoRA's
 # correction was trained at scale 1, and doubling it pushes the U-Net far outside anything it
 # was trained on.
 
