@@ -136,3 +136,16 @@ def test_the_default_guidance_criterion():
     assert choose_guidance(rows)[0] == 2.0          # a tie at 0.965 goes to the smaller scale
     with pytest.raises(ValueError, match="99"):
         choose_guidance({"model_guidance_4": row(0.5, 1, 0.99)})
+
+
+def test_shipped_default_guidance_is_the_one_its_measurement_chose():
+    """data/course_fidelity.json is the measurement `evaluate --set-default` made; the U-Net shipped
+    beside it must carry the guidance that the criterion picks from it (a retrained U-Net without a
+    new measurement fails here)."""
+    from minisd.evaluate import choose_guidance
+    table = json.loads((minisd.paths.DATA_DIR / "course_fidelity.json").read_text())
+    sampling = checkpoint.sampling_settings(checkpoint.course_path("unet"))
+    assert sampling["guidance"] == choose_guidance(table["rows"])[0]
+    assert sampling == {k: table["chosen_default"][k] for k in ("sampler", "steps", "guidance")}
+    meta = checkpoint.checkpoint_metadata(checkpoint.course_path("unet"))
+    assert "highest mean fidelity" in meta["sampling_criterion"]
