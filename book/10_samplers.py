@@ -1113,7 +1113,7 @@ plt.show()
 # The sampler divides by a much smaller sqrt(abar) than the U-Net's noise level implies, so its
 # x0-hat is blown up, more so the harder guidance pushes. Every channel of a course colour is 0
 # or 255, and the course VAE's decoder was trained with an L1 that is one-sided where the target
-# is saturated (`python -m minisd train vae --saturate`), so it overshoots there freely and the
+# is saturated (chapter 6's saturating L1), so it overshoots there freely and the
 # conversion to uint8 clips most of the excess away: what survives is a haze in the
 # background, rougher shapes and a slightly brighter image, and at s = 4 some wrong readings.
 R, W = "right schedule (SD's)", "wrong schedule (DDPM's)"

@@ -710,13 +710,13 @@ plt.show()
 # points for one run's number), and both keep the old prompts at 99-100 %. Rank 1 is worse on
 # both (64 %, and the old prompts fall to 83 %): at $\alpha = 4$ its factor is 4, and its trained
 # $\lVert\Delta W\rVert$ is about four times rank 4's, large enough to disturb what the model
-# already drew. Read against this spread, the one-seed sweep's ranking (rank 4 at 93 % ahead of
-# rank 8 at 88 %, rank 16 down at 74 %) is within one run's noise; whether its drop at rank 16
-# came from the update's scale ($\alpha = d$ gives a large rank no smaller factor) or from one
-# seed, these runs cannot separate, since they also train half as long. What holds: on a
-# concept this narrow, no rank above 4 buys accuracy, rank 1 costs some, and the file grows
-# with $d$ (26 kB at rank 1, 163 kB at rank 16). The 500-step runs sit below the main
-# recipe's 94 % at 1,000 steps: the sweep compares ranks, not recipes.
+# already drew. Read against this spread, the one-seed sweep (grey) climbs steeply from rank 1
+# to rank 4 and then gains only a few points per doubling, within one run's noise; whether a
+# larger rank helps there because $\alpha = d$ gives it no smaller factor, these runs cannot
+# separate, since they also train half as long. What holds: on a concept this narrow, rank 1
+# costs accuracy, little is bought above rank 4, and the file grows with $d$ (26 kB at rank 1,
+# 163 kB at rank 16). The 500-step runs sit below the main recipe's 1,000 steps: the sweep
+# compares ranks, not recipes.
 
 # %% [markdown]
 # ## On real Stable Diffusion
