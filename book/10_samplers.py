@@ -715,11 +715,12 @@ for name in NAMES:
           + "  ".join(f"{v:.3f}" for v in fid))
 
 # %% [markdown]
-# The circle and the triangle come out alike from all five. The blue square does not: the
-# ODE solvers DDIM, Euler and DPM-Solver++ agree, DDPM's fresh noise gives a slightly
-# different square, and PNDM turns it into a four-armed cross. The mean pixel differences
-# above hide this because most of each image is black background. "Steps vs quality" below
-# comes back to PNDM on this model.
+# At the model's small guidance scale and 25 steps all five come out alike: the four
+# deterministic samplers (DDIM, Euler, DPM-Solver++ and PNDM) agree to a fraction of a grey
+# level, and DDPM's fresh noise gives slightly different shapes, no worse by the fidelity. The
+# mean pixel differences would hide a local change anyway, because most of each image is
+# black background. "Steps vs quality" below finds where PNDM does part company with the
+# others on this model: at few steps and strong guidance.
 
 # %% [markdown]
 # ### The denoising trajectory on the course model
@@ -762,8 +763,8 @@ plt.show()
 
 # %% [markdown]
 # As on the toy, $\hat x_0$ commits early: after the very first step it already puts a
-# triangle in the top right (in the wrong colours), and by $t \approx 800$ it is the final
-# picture, while $x_t$ still holds stray blobs of the starting noise until about $t = 500$.
+# magenta triangle in the top right, and it is the final picture from then on, while $x_t$
+# still holds stray blobs of the starting noise until about $t = 400$.
 # Early steps decide the layout; the late ones change almost nothing visible here.
 #
 # ### Guidance scale: pictures, judges and fidelity
@@ -883,10 +884,9 @@ assert all(curve[s]["fidelity"][0] < f_real[1] for s in FINE)   # no scale reach
 # %% [markdown]
 # The right panel is what a right/wrong judge sees: a flat line at or near 100 %, the same at
 # $s = 1$ as at $s = 8$. The other two panels are what it misses. The fidelity is highest at
-# a small scale (the last printed line names it) and falls on both sides. Below it, without
-# enough guidance, shapes come out softer and less exact; above it, each step up costs a
-# little, and the paired differences say from which scale on the loss is larger than the noise
-# of 45 images: there, over-guidance has started to bend the shapes, the pinched sides and
+# a small scale (the last printed line names it). Below it, at $s = 1$, it is a little lower,
+# by about as much as its interval; above it, each step up costs a little more, and the paired
+# differences say from which scale on the loss is larger than the noise of 45 images: there, over-guidance has started to bend the shapes, the pinched sides and
 # lumps of the pictures above. The fidelity of real drawings (the dotted line) stays out of
 # reach at every scale, which is what the rest of the gap between this model and its data
 # looks like.
