@@ -539,15 +539,15 @@ for s in (4.0, 8.0):
     loss = minisd.metrics.mean_interval(cfg["", s, "fid"]["fidelity"] - cfg[DOG, s, "fid"]["fidelity"])
     print(f"s = {s:g}: fidelity lost to the untrained branch, paired: {loss[0]:.3f} [{loss[1]:.3f}, {loss[2]:.3f}]")
     cfg[s, "loss"] = loss
-assert cfg["", 4.0, "acc"]["all"] == 1.0 and cfg[4.0, "loss"][1] > 0 and cfg[8.0, "loss"][1] > 0
+assert cfg["", 4.0, "acc"]["all"] == 1.0 and cfg[4.0, "loss"][0] > 0 and cfg[8.0, "loss"][1] > 0
 assert cfg[DOG, 8.0, "acc"]["colour"] < cfg["", 8.0, "acc"]["colour"]
 
 # %% [markdown]
 # With the trained unconditional branch every image is judged right. With an untrained one in
 # its place the damage grows with the scale. At 4 the judges still find the images right, and
-# only the fidelity sees the cost: every shape is drawn a little worse (the paired loss above,
-# whose interval lies above 0) and a haze creeps into the background. At 8 the colours start to
-# go wrong as well. Guidance amplifies the difference $\epsilon_c - \epsilon_u$, and when
+# only the fidelity hints at a cost: the shapes are drawn a little worse on average and a haze
+# creeps into the background, though with 15 images the paired loss's interval still reaches
+# 0. At 8 the loss is clear, its interval above 0, and the colours start to go wrong as well. Guidance amplifies the difference $\epsilon_c - \epsilon_u$, and when
 # $\epsilon_u$ is not the unconditional prediction, that difference carries the quirks of an
 # untrained context along with the caption, amplified $s$ times. (At $s = 1$ the unconditional
 # branch is not used at all, so nothing changes there.) Exercise 9.4 looks at what happens to
