@@ -376,7 +376,7 @@ plt.show()
 # FID's differences are within its noise (see below), and the course CLIP, trained on a closed
 # world of 90 captions, is at its ceiling for any image that shows the right thing. The judge
 # is at or near 100 % everywhere. Of the four, the fidelity draws the clearest curve (middle
-# panel): highest at a small scale and falling steadily as guidance grows, the over-guided
+# panel): highest at a small scale and falling as guidance grows, the over-guided
 # shapes of chapter 10 (pinched sides, lumps) that FID and CLIP barely feel. On SD, whose CLIP
 # is far from saturated and whose images vary far more, the same push shows in the papers'
 # curve as a rising CLIP score and, past a small $s$, a rising FID. Either way the lesson is
