@@ -605,11 +605,18 @@ def pixel_judge(images, shapes=None, colours=None):
 def fidelity(images, captions, shapes=None, colours=None):
     """Per image: the pixel judge's reading against the caption, the fidelity (soft IoU with the
     caption's own shape, fitted) and the background figures. Returns a dict of arrays (N,):
-    colour, shape, position (bool: judged right), fidelity (float), background, corners (1/255)."""
+    colour, shape, position (bool: judged right), fidelity (float), background, corners (1/255).
+    The judge chooses among `shapes` and `colours`; by default the course's (data.SHAPES,
+    data.COLOURS) plus chapter 13's new ones (data.NEW_SHAPES, data.NEW_COLOURS) that the
+    captions use, so that "a red bar ..." is judged among circle, square, triangle and bar."""
     truth = [_data.parse(c, new=True) for c in captions]
     if len(truth) != len(images):
         raise ValueError(f"{len(images)} images but {len(truth)} captions")
-    shapes = tuple(_data.SHAPES if shapes is None else shapes)
+    if shapes is None:
+        shapes = _data.SHAPES + tuple(s for s in _data.NEW_SHAPES if any(t[1] == s for t in truth))
+    if colours is None:
+        colours = tuple(_data.COLOURS) + tuple(c for c in _data.NEW_COLOURS if any(t[0] == c for t in truth))
+    shapes = tuple(shapes)
     images = np.asarray(images)
     judged = pixel_judge(images, shapes, colours)
     out = {k: [] for k in ("colour", "shape", "position", "fidelity", "background", "corners")}
