@@ -300,9 +300,12 @@ for c, rows in table["concepts"].items():
 # that no prompt ever asked of it, and no context vector adds a skill the weights lack. The LoRA
 # changes $W_K$, $W_V$ themselves, so it can. The verdict lines above are that argument measured
 # on this model: on bar the word leaves the shape judged 0 % right (the frozen U-Net keeps drawing
-# the shapes it knows, and the colour suffers as the vector grows), on orange it moves the colour
-# part of the way from the base model towards the LoRA. Read the printed lines, not this paragraph,
-# if the course model is retrained and the numbers change.
+# the shapes it knows, and the colour suffers as the vector grows). Orange tests the other half of
+# the argument and finds a harder ceiling first: the course VAE (version 2, chapter 6) decodes real
+# orange images as yellow (chapter 13 measures it), so no context vector and no U-Net LoRA can
+# make the *pixels* orange, and both read near 0 % on this model. A concept must survive the VAE
+# before any change to the text side or the U-Net can teach it. The printed lines are the
+# measurement; this paragraph is its reading on the committed model.
 #
 # ## Where the learned vector lies
 #
@@ -333,10 +336,9 @@ plt.show()
 # %% [markdown]
 # The nearest rows of the whole table are mostly words the course never used: their vectors were
 # never trained, so nearness to them means little. The course words are the useful reference. On
-# the committed model, `<orange>` ends up closest to its neighbours on the colour wheel (yellow,
-# then red) and far from blue, i.e. between the two colours it has to mix, while `<bar>` shows no
-# shape preference and leans towards colour words, the only handle a context vector has here, which
-# is where its loss of colour accuracy above comes from.
+# the committed model, read the printed similarities: `<orange>` was trained towards images the
+# VAE turns yellow, and `<bar>` has no shape to move towards, so it leans on colour words, the only
+# handle a context vector has here, which is where its loss of colour accuracy above comes from.
 #
 # ## The files people share
 #
@@ -790,8 +792,12 @@ assert psnr["without"] < psnr["with blending"] - 3
 # the gradient of a lookup reaches only the rows the prompts use, and the trainer keeps only the new
 # one trainable, so every prompt without the word is bit-for-bit the base model's. Measured against
 # chapter 13's LoRA on the same concepts and a similar budget (`--compare`, 300 images per model and
-# concept with 95 % intervals), the table shows what a word can and cannot carry: it can steer the
-# frozen model towards what it can already nearly draw (a colour between two it knows), not teach it
-# a new skill (a shape), which a change of the weights can. The inpainting half of the chapter reuses the pipeline of chapter
-# 11 for a different input, a masked image. Next: the same frozen-model-plus-small-addition idea
+# concept with 95 % intervals), the table shows what a word can and cannot carry: it can only select
+# among what the frozen model already draws, not teach it a new skill (a shape), which a change of
+# the weights can; and neither can pass what the VAE cannot decode (orange). Inpainting reuses the
+# pipeline of chapter 11 for a masked image: `pipe.inpaint` blends the known latents back at every
+# step on any model, or feeds a 9-channel U-Net the mask and the masked image's latents
+# (`train.inpaint.extend_unet` starts the new channels at zero, so the extended model begins as the
+# base model), equal to diffusers' `StableDiffusionInpaintPipeline` in both modes.
+# Next: the same frozen-model-plus-small-addition idea
 # runs through ControlNet (a trainable copy for a new input) and LCM-LoRA (a LoRA for fewer steps).
