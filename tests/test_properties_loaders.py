@@ -12,7 +12,7 @@ replaced by random bytes or cut short, or a part taken from the other model fami
 `LOADERS` is the one table of loaders: name -> (load(path), the suffixes it reads, FOLDER for a
 diffusers folder). A new loader is one line there.
 """
-import importlib  # noqa: F401  (for the commented loaders in LOADERS)
+import importlib
 import io
 import json
 import pickle
@@ -46,14 +46,12 @@ LOADERS = {
     "weights.load_unet_folder": (weights.load_unet_folder, FOLDER),
     "checkpoint.load_checkpoint": (checkpoint.load_checkpoint, (".safetensors",)),
     "lora.load": (lambda path: lora.load(_course_pipe(), path), (".safetensors", *TORCH)),
-    # Loaders written on other branches (issue 23 comes after them): once minisd.controlnet and
-    # minisd.textual_inversion are merged, the integrator uncomments these two lines (each module is
-    # imported where it is used, so this file imports before the merge too). A ControlNet folder
-    # loader needs a ControlNet folder fixture beside `folders` before it can join FOLDER_LOADERS.
-    # "ControlNet.from_pretrained": (lambda path: importlib.import_module("minisd.controlnet").ControlNet
-    #                                .from_pretrained(path), (".safetensors", *TORCH)),
-    # "textual_inversion.load": (lambda path: importlib.import_module("minisd.textual_inversion")
-    #                            .load(_course_pipe(), path, "<concept>"), (".safetensors", *TORCH)),
+    "ControlNet.from_pretrained": (lambda path: importlib.import_module("minisd.controlnet").ControlNet
+                                   .from_pretrained(path), (".safetensors", *TORCH)),
+    "textual_inversion.load": (lambda path: importlib.import_module("minisd.textual_inversion")
+                               .load(_course_pipe(), path, "<concept>"), (".safetensors", ".pt", ".bin")),
+    # A ControlNet folder loader needs a ControlNet folder fixture beside `folders` before it can
+    # join FOLDER_LOADERS.
 }
 FILE_LOADERS = sorted(name for name, (_, reads) in LOADERS.items() if reads != FOLDER)
 FOLDER_LOADERS = sorted(name for name, (_, reads) in LOADERS.items() if reads == FOLDER)
