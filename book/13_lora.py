@@ -819,8 +819,9 @@ for k in (1, 2, 4):
     truncation[k] = np.mean([judge.accuracy(generate(new_prompts, seed=s), new_prompts)["all"] for s in (0, 1)])
     print(f"top {k}: median share of ||Delta W||^2 kept {kept:5.1%}; bar prompts right {truncation[k]:.0%} (60 samples)")
 pipe.unet = full_unet
-# one direction per layer is not enough; two already come close to all four
-assert truncation[1] < 0.6 and truncation[2] >= truncation[4] - 0.1
+# on this model one direction per layer is not enough and two recover only part: the rank-4 LoRA
+# uses all of its rank (on the first course model two directions came within a few points of four)
+assert truncation[1] < 0.6 and truncation[1] <= truncation[2] <= truncation[4]
 
 # %% [markdown]
 # ## What you built
