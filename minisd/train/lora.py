@@ -124,7 +124,7 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=t
                   old_seeds=(0, 1), judge=None, n_real=1000):
     """Judge a (LoRA or base) course U-Net on the new concept and on the old prompts (chapter 13).
 
-    Generates (DDIM, 25 steps, guidance 4, as chapter 9 judges) one image per combination
+    Generates (at the course U-Net's stored sampling settings, `course_sampling()`) one image per combination
     and seed: the new combinations x `new_seeds`, the 90 course ones x `old_seeds`, and
     lets `lora_judge(concept)` read them. Also
     the judge on n_real real images of each kind, the ceiling of what it can measure (None
@@ -310,7 +310,7 @@ def _cli_lora_course(args, argv):
                   "threads": args.threads,
                   "note": f"each (rank, seed) trained {args.sweep_steps} steps on the data of seed {args.seed}, "
                           f"judged on {n_combos} new combinations x 3 sampling seeds and 90 old x 1 "
-                          "(DDIM 25, guidance 4)",
+                          f"({course_sampling()})",
                   "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
                   "rank_sweep": rows}
         paths.write_text(log_path, json.dumps(record, indent=1))
