@@ -188,7 +188,8 @@ def test_course_model_missing_checkpoint_names_the_command(monkeypatch, tmp_path
 
 def test_course_model_generates_from_the_shipped_checkpoints():
     pipe = StableDiffusion.course_model()
-    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (25, 4.0, "ddim")   # stored in course_unet's metadata
+    stored = checkpoint.sampling_settings(checkpoint.course_path("unet"))        # course_unet's metadata
+    assert (pipe.steps, pipe.guidance, pipe.scheduler) == (stored["steps"], stored["guidance"], stored["sampler"])
     images = pipe("a red circle in the top left", seed=0, progress=False)
     assert len(images) == 1 and images[0].size == (32, 32)
 
