@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import Conv2d
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention: queries from the image tokens x (B, N, dim), keys and values
@@ -84,8 +86,16 @@ class GEGLU(nn.Module):
         return F.gelu(gate).mul_(h)  # = h * gelu(gate), in place: one (B, N, 4*dim) buffer fewer
 
 
+FF_ROWS = 2048  # tokens per chunk when FeedForward runs on the CPU without gradients
+
+
 class FeedForward(nn.Module):
-    """GEGLU -> Dropout -> Linear, applied to every token on its own (width 4x inside)."""
+    """GEGLU -> Dropout -> Linear, applied to every token on its own (width 4x inside).
+
+    Because each token is on its own, CPU inference runs it FF_ROWS tokens at a time: the
+    (tokens, 8*dim) inside then stays small enough for malloc to reuse one buffer, where the
+    whole (8192, 2560) of a 64x64 latent (84 MB) is a fresh mmap, page-faulted in on every
+    call (appendix "Making it fast"; diffusers' enable_forward_chunking is the same idea)."""
 
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
@@ -94,7 +104,13 @@ class FeedForward(nn.Module):
         self.out = nn.Linear(mult * dim, dim)
 
     def forward(self, x):
-        return self.out(self.dropout(self.geglu(x)))
+        tokens = x.reshape(-1, x.shape[-1])  # (B, N, dim) -> (B*N, dim)
+        if torch.is_grad_enabled() or x.device.type != "cpu" or len(tokens) <= FF_ROWS:
+            return self.out(self.dropout(self.geglu(x)))
+        out = torch.empty_like(tokens)
+        for i in range(0, len(tokens), FF_ROWS):
+            out[i:i + FF_ROWS] = self.out(self.dropout(self.geglu(tokens[i:i + FF_ROWS])))
+        return out.view(x.shape)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -129,9 +145,9 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else Conv2d(channels, channels, 1)
         self.block = BasicTransformerBlock(channels, context_dim, heads, upcast)
-        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if linear else Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape

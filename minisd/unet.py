@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import SpatialTransformer
 from .embeddings import TimestepEmbedding, timestep_embedding
-from .resnet import GSC, Downsample, ResNetBlock, Upsample
+from .resnet import GSC, Conv2d, Downsample, ResNetBlock, Upsample
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ class UNet(nn.Module):
         ch, n = c.block_channels, len(c.block_channels)
         temb = 4 * ch[0]
         attn = (c.linear_projection, c.upcast_attention)  # SD 2.x's two changes to every SpatialTransformer
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
 
         self.down_blocks = down_blocks(c)

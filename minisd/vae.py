@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attention import SpatialSelfAttention
-from .resnet import GSC, Downsample, ResNetBlock, Upsample
+from .resnet import GSC, Conv2d, Downsample, ResNetBlock, Upsample
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         ch, g, eps = config.block_out_channels, config.norm_groups, config.norm_eps
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block, i < len(ch) - 1, g, eps)
             for i in range(len(ch)))
@@ -194,7 +194,7 @@ class Decoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         ch, g, eps = tuple(reversed(config.block_out_channels)), config.norm_groups, config.norm_eps
-        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, eps)
         self.up_blocks = nn.ModuleList(
             UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, i < len(ch) - 1, g, eps)
@@ -218,8 +218,8 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
     @property

@@ -87,3 +87,22 @@ def test_spatial_transformer_matches_diffusers_transformer2d():
     out = ours(x, context)
     assert out.shape == x.shape and out.is_contiguous()
     torch.testing.assert_close(out, theirs(x, encoder_hidden_states=context).sample)
+
+
+
+def test_feedforward_in_chunks_equals_all_at_once(monkeypatch):
+    """CPU inference runs the feed-forward FF_ROWS tokens at a time; every token is on its own,
+    so the chunks give the same numbers as one pass (which runs when gradients are on)."""
+    import minisd.attention as attention
+    torch.manual_seed(0)
+    ff = attention.FeedForward(16).eval()
+    x = torch.randn(2, 50, 16)
+    monkeypatch.setattr(attention, "FF_ROWS", 32)  # 100 tokens -> 4 chunks
+    calls = []
+    ff.geglu.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    whole = ff(x)  # gradients on: one pass
+    assert calls == [2]
+    with torch.no_grad():
+        chunked = ff(x)
+    assert calls[1:] == [32, 32, 32, 4]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -12,10 +12,40 @@ def test_unet_benchmark_smoke(tmp_path, capsys):
     assert benchmark.main(["--component", "unet", "--device", "cpu", "--tiny", "--sizes", "8",
                            "--repeats", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ratio minisd/diffusers" in printed and "load" in printed
+    assert "ratio minisd / diffusers" in printed and "load" in printed
     result = json.loads(out.read_text())
     assert set(result["loads"]) == {"minisd", "diffusers"}
-    assert set(result["steps"]["8"]["medians"]) == {"minisd", "diffusers"}
+    assert set(result["steps"]["8"]["medians"]) == {"minisd", "diffusers", "diffusers channels_last"}
+    assert result["steps"]["8"]["max_diff"] < 1e-4  # both sides computed the same step
+
+
+def test_vae_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    assert benchmark.main(["--component", "vae", "--device", "cpu", "--tiny", "--sizes", "8",
+                           "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode"]["8"]["max_diff"] < 1e-4
+    assert set(result["decode"]["8"]["ratios"]) == {"diffusers", "diffusers channels_last"}
+
+
+def test_profile_names_the_modules(capsys):
+    assert benchmark.main(["--profile", "--tiny", "--sizes", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "per module" in printed and "ResNetBlock" in printed and "SpatialTransformer" in printed
+
+
+def test_per_call_counts_wall_and_cpu_time_apart():
+    """Timer's clock also reads the CPU clock: a step that sleeps takes wall time but no CPU."""
+    import time
+    wall, cpu = benchmark.per_call(lambda: time.sleep(0.02), torch.device("cpu"), threads=1)
+    assert 0.02 <= wall < 0.2 and cpu < 0.5 * wall
+
+    def busy():
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+    wall, cpu = benchmark.per_call(busy, torch.device("cpu"), threads=1)
+    assert cpu >= 0.02 and cpu > 0.5 * wall
 
 
 def test_random_weights_are_seeded_and_cover_every_tensor():

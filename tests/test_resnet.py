@@ -1,6 +1,7 @@
 """Chapter 2: GSC, Downsample, Upsample and ResNetBlock equal diffusers' blocks on the same weights."""
 import pytest
 import torch
+from torch import nn
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
@@ -90,3 +91,46 @@ def test_resnet_output_depends_on_time():
     block = ResNetBlock(32, 32, temb_channels=16, groups=8)  # 1 channel per group would normalise the shift away
     x = torch.randn(1, 32, 4, 4)
     assert (block(x, torch.randn(1, 16)) - block(x, torch.randn(1, 16))).abs().max() > 1e-3
+
+
+# --- Conv2d: the CPU inference paths that run a convolution as a matrix product ---------------
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, size, bias", [
+    (16, 8, 1, 1, 0, 24, True),    # 1x1: W @ x per image, at any map size
+    (8, 16, 3, 1, 1, 16, True),    # 3x3 on a 16x16 map (256 pixels): unfold + one GEMM
+    (8, 16, 3, 2, 1, 16, False),   # stride 2: an 8x8 output
+    (8, 16, 3, 2, 0, 17, True),    # the VAE's Downsample: no padding, odd input
+])
+def test_conv2d_matrix_product_paths_equal_nn_conv2d(c_in, c_out, k, stride, padding, size, bias, monkeypatch):
+    from minisd.resnet import Conv2d
+    torch.manual_seed(0)
+    ours = Conv2d(c_in, c_out, k, stride=stride, padding=padding, bias=bias)
+    ref = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, c_in, size, size)
+    with torch.no_grad():
+        expected = ref(x)
+        # the matrix-product path must not fall back to the convolution it replaces
+        monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda *a: (_ for _ in ()).throw(AssertionError("fell back")))
+        out = ours(x)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_conv2d_is_nn_conv2d_where_it_should_be():
+    """Large maps, gradients, and non-float32 inputs take nn.Conv2d's own path, bit for bit."""
+    from minisd.resnet import SMALL_MAP, Conv2d
+    torch.manual_seed(0)
+    ours = Conv2d(4, 4, 3, padding=1)
+    ref = nn.Conv2d(4, 4, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    big = torch.randn(1, 4, 17, 17)
+    assert 17 * 17 > SMALL_MAP
+    with torch.no_grad():
+        assert torch.equal(ours(big), ref(big))
+    small = torch.randn(1, 4, 8, 8, requires_grad=True)
+    assert torch.equal(ours(small), ref(small))  # with gradients: the training path is untouched
+    ours(small).sum().backward()
+    assert small.grad is not None
+    with torch.no_grad():  # float64: nn.Conv2d's path too
+        assert torch.equal(ours.double()(small.double()), ref.double()(small.double()))
