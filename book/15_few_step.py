@@ -309,18 +309,29 @@ plt.show()
 # `data/README.md`) judged every sampler and step count on the 9 held-out combinations x 36
 # seeds (324 images per row) with the pixel judge and fitted-shape fidelity of chapter 12
 # (`metrics.fidelity`), and timed each row in the same run, one seed of each row in turn, so
-# that the ratios to the teacher share the machine's state. The cell reads that table.
+# that the ratios to the teacher share the machine's state. `--fid` (run on its own, with
+# `--no-train`) added chapter 12's FID at N = 400 for the two rows the distillation is about,
+# the 4-step student and the teacher: their first 324 images are the table's, continued to seed
+# 9144 for 400, each set against 400 real images of the same captions through the course CLIP's
+# image features, exactly as chapter 12 computes it; the last line is the real-vs-real floor, a
+# second real draw of those captions. The cell reads that table.
 
 # %%
 rows_eval = table["rows"]
+fid = table["fid"]
 print(f"{table['held_out_combinations']} held-out combinations x {len(table['seeds'])} seeds = "
-      f"{rows_eval['teacher']['n']} images per row; 95 % intervals (Wilson for rates, normal for the mean)")
-print(f"{'row':12s} {'calls':>5s} {'colour':>16s} {'shape':>16s} {'position':>16s} {'fidelity':>20s} {'time':>7s}")
+      f"{rows_eval['teacher']['n']} images per row; 95 % intervals (Wilson for rates, normal for the mean); "
+      f"FID at N = {fid['n']} ({fid['captions']})")
+print(f"{'row':12s} {'calls':>5s} {'colour':>16s} {'shape':>16s} {'position':>16s} {'fidelity':>20s} {'time':>7s} "
+      f"{'FID':>6s}")
 for name, r in rows_eval.items():
     calls = r["steps"] * (2 if r["guidance"] > 1 else 1)
     cell = lambda k: f"{100 * r[k][0]:5.1f} [{100 * r[k][1]:4.1f},{100 * r[k][2]:5.1f}]"  # noqa: E731
-    print(f"{name:12s} {calls:5d} {cell('colour')} {cell('shape')} {cell('position')} "
-          f"{r['fidelity'][0]:.3f} [{r['fidelity'][1]:.3f},{r['fidelity'][2]:.3f}] x{r['seconds_vs_teacher']:.3f}")
+    line = (f"{name:12s} {calls:5d} {cell('colour')} {cell('shape')} {cell('position')} "
+            f"{r['fidelity'][0]:.3f} [{r['fidelity'][1]:.3f},{r['fidelity'][2]:.3f}] x{r['seconds_vs_teacher']:.3f} "
+            + (f"{fid[name]['fid']:6.2f}" if name in fid else f"{'-':>6s}"))
+    print(line)
+print("real vs real".ljust(len(line) - 6) + f"{fid['real_vs_real_floor']:6.2f}")
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -341,12 +352,17 @@ fig.suptitle("Held-out prompts, 324 images per point, 95 % intervals")
 fig.tight_layout()
 plt.show()
 
+# %% [markdown]
 # Read the table with two facts in mind. DDIM's 1-step row is not a fair opponent: with SD's
 # "leading" spacing its single step is at $t = 1$ (Exercise 15.2), so it denoises pure noise as if
 # it were almost clean; DPM-Solver++ ("linspace") starts at 999 and does far better. And the course
 # images are simple, so good few-step solvers come close to the teacher too: the student's gain
 # is largest at 1 and 2 steps, and it costs half the U-Net calls of a guided sampler at the same
 # number of steps.
+#
+# The cell below sets the 4-step student against the teacher on the distillation's targets:
+# colour, shape and position within 2 points of the teacher, the time per image, and an FID
+# within twice the teacher's (chapter 12's FID, N = 400, beside the real-vs-real floor).
 
 # %%
 lcm4, teach = rows_eval["lcm_4"], rows_eval["teacher"]
@@ -355,8 +371,21 @@ print("4-step LCM below the teacher, in points:", {k: round(v, 1) for k, v in ga
 print(f"4-step LCM: {lcm4['seconds_vs_teacher']:.3f} of the teacher's time per image "
       f"({1 / lcm4['seconds_vs_teacher']:.1f}x faster); 4-step DDIM: fidelity {rows_eval['ddim_4']['fidelity'][0]:.3f} "
       f"against LCM's {lcm4['fidelity'][0]:.3f}")
+ratio = fid["lcm_4_vs_teacher"]
+print(f"FID at N = {fid['n']}: 4-step LCM {fid['lcm_4']['fid']:.2f}, teacher {fid['teacher']['fid']:.2f}, real vs real "
+      f"{fid['real_vs_real_floor']:.2f} (chapter 12's floor, on its own 400 captions: {fid['chapter12_floor']:.2f}); "
+      f"the student's FID is {ratio:.2f}x the teacher's, {'within' if ratio <= 2 else 'beyond'} the target of 2x")
 assert lcm4["seconds_vs_teacher"] < 0.5             # 4 U-Net calls instead of 50 (the VAE's decode is the same)
 assert rows_eval["lcm_1"]["fidelity"][0] > rows_eval["ddim_1"]["fidelity"][0]   # one step: distilled beats DDIM
+assert ratio <= 2 and fid["real_vs_real_floor"] < min(fid["lcm_4"]["fid"], fid["teacher"]["fid"])   # the FID target
+assert abs(fid["lcm_4"]["fid"] - fid["teacher"]["fid"]) < abs(fid["real_vs_real_floor"] - fid["chapter12_floor"])
+
+# %% [markdown]
+# Both FIDs sit close to the floor of two real draws of the same captions. How close is
+# close: the two real-vs-real floors printed above, this chapter's and chapter 12's, both
+# measure perfect models at the same N, and they differ by more than the student's FID differs
+# from the teacher's. So the ratio is a check that the student has not collapsed (too little
+# variety would raise its covariance term), not a ranking of the two.
 
 # %% [markdown]
 # ## LCM-LoRA on SD 1.5
@@ -511,7 +540,8 @@ assert twice[0] <= once[0] + 0.01
 # pseudo-Huber loss between the student there and an EMA target network at the end of the jump,
 # with the course's guidance folded in so that each step is one U-Net call. The measured table
 # above says what 1, 2, 4 and 8 steps buy against DDIM and DPM-Solver++ at the same budget and
-# against the 25-step teacher, and what each costs in time. `lora.load` reads LCM-LoRA and every
+# against the 25-step teacher, and what each costs in time, and chapter 12's FID set the 4-step
+# student beside the teacher and the real-vs-real floor. `lora.load` reads LCM-LoRA and every
 # other SD 1.x LoRA format diffusers reads, on convolutions as well as attention.
 #
 # Where it goes next: the same student as a LoRA on the course U-Net (LCM-LoRA's form, which

@@ -71,3 +71,30 @@ def test_distill_moves_the_student_not_the_teacher():
 
 def test_cli_is_registered():
     assert train.TRAINERS["lcm"] is lcm.cli_lcm
+
+
+def test_held_out_fid_is_chapter_12s_fid_on_the_eval_captions():
+    import numpy as np
+    from types import SimpleNamespace
+    from minisd import data, metrics
+    from minisd.vae import AutoencoderKL, VAEConfig
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()                       # f = 2: 8x8 latents -> 16x16 images
+    prompts = train.course_prompts()
+    contexts = torch.randn(len(prompts), 77, D)
+    pooled = SimpleNamespace(image=lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))  # (N, 12)
+    sampling = {"sampler": "ddim", "steps": 2, "guidance": 1.5}
+    assert lcm.fid_seeds() == tuple(range(9100, 9145))                 # 45 x 9 = 405 >= 400, the eval's seeds first
+    out = lcm.held_out_fid(tiny_unet(1), tiny_unet(0), vae, contexts, prompts, sampling, pooled, n=20,
+                           progress=False)
+    assert out["n"] == 20 and "9100-9102" in out["captions"]
+    assert out["teacher"]["steps"] == 2 and out["lcm_4"]["sampler"] == "lcm" and out["lcm_4"]["guidance"] == 1.0
+    for v in (out["real_vs_real_floor"], out["lcm_4"]["fid"], out["teacher"]["fid"], out["chapter12_floor"]):
+        assert np.isfinite(v) and v >= 0
+    assert out["lcm_4_vs_teacher"] == out["lcm_4"]["fid"] / out["teacher"]["fid"]
+    # the floor is chapter 12's pair: the captions drawn with one rng(100) and again with one rng(101)
+    captions = ([data.caption(*c) for c in data.HELD_OUT] * 3)[:20]
+    rng_draw = {s: np.random.default_rng(s) for s in (100, 101)}
+    real, twin = (np.stack([data.render(*data.parse(c), rng=rng_draw[s]) for c in captions]) for s in (100, 101))
+    assert out["real_vs_real_floor"] == metrics.frechet_distance(lcm.course_fid_features(pooled, real),
+                                                                 lcm.course_fid_features(pooled, twin))

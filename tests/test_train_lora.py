@@ -141,6 +141,73 @@ def test_course_lora_file_round_trips(tmp_path):
         assert torch.allclose(fresh(x, t, c), unet(x, t, c), atol=1e-6)
 
 
+def _drawn_instead_of_sampled(shape_for=None, limit=9):
+    """A stand-in for train.lora.judge_course_unet that draws real course images instead of sampling
+    (so these tests run in seconds): each caption's own shape, or `shape_for(shape)` instead, for
+    the first `limit` combinations only (the fidelity's fits cost ~0.06 s per image)."""
+    def fake(unet, vae, contexts, prompts, judge, combos, seeds=(0,), **kw):
+        captions = [data.caption(*c) for c in combos[:limit]] * len(seeds)
+        images = np.stack([data.render(c, shape_for(s) if shape_for else s, p, rng=np.random.default_rng(i))
+                           for i, (c, s, p) in enumerate(data.parse(t, new=True) for t in captions)])
+        return judge.accuracy(images, captions), images, captions
+    return fake
+
+
+def test_evaluate_lora_records_the_fidelity_of_the_samples_it_judged(monkeypatch):
+    _, vae, text, tok = _tiny_course_parts()
+    monkeypatch.setattr(train.lora, "judge_course_unet", _drawn_instead_of_sampled())
+    ev = train.evaluate_lora(None, vae, text, tok, "orange", new_seeds=(0, 1), old_seeds=(0,), n_real=0)
+    for key in ("fidelity_new", "fidelity_old"):
+        mean, lo, hi = ev[key]
+        assert lo <= mean <= hi and mean > 0.99, (key, ev[key])        # real images: close to 1
+    assert len(ev["images_new"]) == 18 and ev["judge_on_real_new"] is None
+    # the same captions drawn as bars: the fidelity falls
+    monkeypatch.setattr(train.lora, "judge_course_unet", _drawn_instead_of_sampled(lambda s: "bar"))
+    row = train.lora.sweep_evaluation(None, vae, text, tok, "orange")
+    assert set(row) == {"new_accuracy", "old_accuracy", "new_fidelity", "old_fidelity"}
+    assert row["old_fidelity"][2] < 0.9 and row["new_fidelity"][2] < 0.9
+    assert all(isinstance(v, float) for v in row["new_fidelity"])      # JSON-ready
+
+
+def test_eval_only_re_measures_an_existing_lora_and_keeps_the_log(monkeypatch, tmp_path):
+    import json
+    import minisd.checkpoint
+    unet, vae, text, tok = _tiny_course_parts()
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    encoded = train.encode_concept_data(vae, text, tok, "orange", n_new=8, n_old=8)
+    trained, _ = train.train_lora(unet, vae, text, tok, "orange", steps=1, batch_size=4, encoded=encoded,
+                                  progress=False)
+    lora.save(trained, tmp_path / "l.safetensors")
+    (tmp_path / "l_log.json").write_text(json.dumps({"loss": [0.5, 0.4], "rank": 4, "evaluation": {"old": 1}}))
+
+    def fresh_unet(*args, **kwargs):
+        u = UNet(UNetConfig.tiny())
+        u.load_state_dict(base_state)
+        return u
+
+    monkeypatch.setattr(minisd.checkpoint, "course_unet", fresh_unet)
+    monkeypatch.setattr(train.lora, "frozen_course_models", lambda: (vae, text, tok))
+    monkeypatch.setattr(train.lora, "judge_course_unet", _drawn_instead_of_sampled())
+    monkeypatch.setattr(data, "sample", lambda n, seed=0, **kw: _real_sample(min(n, 20), seed, **kw))
+    assert train.cli_lora(["--concept", "orange", "--eval-only", "--out", str(tmp_path / "l.safetensors")]) == 0
+    log = json.loads((tmp_path / "l_log.json").read_text())
+    assert log["loss"] == [0.5, 0.4] and log["rank"] == 4                # the rest of the log is kept
+    ev = log["evaluation"]
+    assert ev["command"].endswith("--eval-only --out " + str(tmp_path / "l.safetensors"))
+    for model in ("base", "lora"):
+        for kind in ("new", "old"):
+            mean, lo, hi = ev["fidelity"][model][kind]
+            assert lo <= mean <= hi
+        assert set(ev[model]) == {"new", "old"}
+    assert ev["judge_as_before"] is False and "judge_before_re_evaluation" in ev
+    assert ev["steps"] == train.course_sampling()["steps"]             # the model's stored sampling settings
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.cli_lora(["--concept", "orange", "--eval-only", "--out", str(tmp_path / "missing.safetensors")])
+
+
+_real_sample = data.sample
+
+
 def test_shipped_orange_lora_is_small_and_logged():
     import json
     path = minisd.DATA_DIR / "course_lora_orange.safetensors"

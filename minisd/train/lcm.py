@@ -166,6 +166,71 @@ def evaluate_few_step(student, teacher, vae, contexts, prompts, teacher_sampling
     return rows, {k: np.concatenate(v[:1]) for k, v in images.items()}
 
 
+FID_N = 400   # chapter 12's N
+
+
+def fid_seeds(n=FID_N, per_seed=9):
+    """EVAL_SEEDS continued until n images (per_seed held-out combinations each): 9100-9144 for 400."""
+    return tuple(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + -(-n // per_seed)))
+
+
+def course_fid_features(clip, images):
+    """Chapter 12's feature network: uint8 course images (N, 32, 32, 3) -> the course CLIP's 64-d
+    image embedding before normalisation (N, 64), `clip.image(data.to_tensor(images))`."""
+    from .. import data
+    with torch.no_grad():
+        return clip.image(data.to_tensor(images))
+
+
+def held_out_fid(student, teacher, vae, contexts, prompts, teacher_sampling, clip, n=FID_N, lcm_steps=4,
+                 progress=True):
+    """FID at N = n, computed as chapter 12 computes it (`metrics.frechet_distance` of
+    `course_fid_features`), for the LCM student at `lcm_steps` steps (guidance 1, as the table)
+    and the teacher at its own settings, against n real images with the same captions; beside
+    them the real-vs-real floor, a second real draw of those captions. The captions are the
+    held-out combinations x `fid_seeds(n)` in the evaluation's order (one seed's 9 images at a time, the
+    first 324 the very images of the table's rows), cut to n. The real images are drawn as
+    chapter 12 draws its pair: `data.render` of each caption with numpy.random.default_rng(100),
+    the second set with default_rng(101). Also chapter 12's own floor (its 400 real images
+    `data.sample(400, seed=100)` against their second draw): the number the chapter shows.
+    Returns a dict for the eval JSON."""
+    import time
+    import numpy as np
+    from .. import data, metrics
+    captions = [data.caption(*c) for c in data.HELD_OUT]
+    seeds = fid_seeds(n, len(captions))
+    configs = {f"lcm_{lcm_steps}": (student, "lcm", lcm_steps, 1.0),
+               "teacher": (teacher, teacher_sampling["sampler"], teacher_sampling["steps"],
+                           teacher_sampling["guidance"])}
+    images = {k: [] for k in configs}
+    t0 = time.time()
+    for i, seed in enumerate(seeds):
+        for k, (unet, sched, steps, g) in configs.items():
+            images[k].append(generate_images(unet, vae, contexts, prompts, captions, sched, steps, g, seed))
+        if progress and i % 9 == 0:
+            print(f"FID: seed {i + 1}/{len(seeds)}", flush=True)
+    all_captions = (captions * len(seeds))[:n]
+    rng_real, rng_twin = np.random.default_rng(100), np.random.default_rng(101)
+    real = np.stack([data.render(*data.parse(c), rng=rng_real) for c in all_captions])
+    twin = np.stack([data.render(*data.parse(c), rng=rng_twin) for c in all_captions])
+    f_real = course_fid_features(clip, real)
+    out = {"n": n, "captions": f"the {len(captions)} held-out combinations x seeds {seeds[0]}-{seeds[-1]}, "
+                               f"first {n}",
+           "features": "the course CLIP's 64-d image embedding before normalisation (chapter 12)",
+           "real_vs_real_floor": metrics.frechet_distance(f_real, course_fid_features(clip, twin))}
+    for k, (unet, sched, steps, g) in configs.items():
+        out[k] = {"fid": metrics.frechet_distance(f_real, course_fid_features(clip, np.concatenate(images[k])[:n])),
+                  "sampler": sched, "steps": steps, "guidance": g}
+    out[f"lcm_{lcm_steps}_vs_teacher"] = out[f"lcm_{lcm_steps}"]["fid"] / out["teacher"]["fid"]
+    ch12_real, ch12_captions = data.sample(400, seed=100)
+    rng = np.random.default_rng(101)
+    ch12_twin = np.stack([data.render(*data.parse(c), rng=rng) for c in ch12_captions])
+    out["chapter12_floor"] = metrics.frechet_distance(course_fid_features(clip, ch12_real),
+                                                      course_fid_features(clip, ch12_twin))
+    out["wall_seconds"] = round(time.time() - t0)
+    return out
+
+
 def cli_lcm(argv):
     """python -m minisd train lcm [--steps N] [--out PATH] [--evaluate] ..."""
     import argparse
@@ -173,6 +238,7 @@ def cli_lcm(argv):
     import time
     from pathlib import Path
     from ..checkpoint import course_path, course_unet, load_checkpoint, sampling_settings, save_checkpoint
+    from .. import paths
     from ..paths import DATA_DIR
     from .unet import encode_course_data, frozen_course_models
     p = argparse.ArgumentParser(prog="python -m minisd train lcm",
@@ -192,7 +258,10 @@ def cli_lcm(argv):
     p.add_argument("--out", type=Path, default=DATA_DIR / "course_lcm_unet.safetensors")
     p.add_argument("--evaluate", action="store_true", help="after training (or alone, with --no-train), measure "
                    "1/2/4/8-step LCM against DDIM, DPM++ and the teacher; write OUT with _eval.json")
-    p.add_argument("--no-train", action="store_true", help="only --evaluate the existing OUT")
+    p.add_argument("--no-train", action="store_true", help="only --evaluate (or --fid) the existing OUT")
+    p.add_argument("--fid", action="store_true", help=f"also FID at N = {FID_N} as chapter 12 computes it: the "
+                   "4-step LCM and the teacher against real images of the same held-out captions, beside the "
+                   "real-vs-real floor; stored under 'fid' in OUT with _eval.json (the rest of that file is kept)")
     args = p.parse_args(argv)
     command = "python -m minisd train lcm " + " ".join(argv)
     torch.set_num_threads(args.threads)
@@ -239,5 +308,16 @@ def cli_lcm(argv):
                   f"fidelity {r['fidelity'][0]:.3f} [{r['fidelity'][1]:.3f}, {r['fidelity'][2]:.3f}] "
                   f"time x{r['seconds_vs_teacher']:.3f}", flush=True)
         print(f"wrote {eval_path}")
+    if args.fid:
+        from ..checkpoint import course_clip
+        student = load_checkpoint(args.out)
+        fid = held_out_fid(student, teacher, vae, contexts, prompts, teacher_sampling, course_clip().eval())
+        fid.update(command=command, threads=args.threads)
+        table = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+        table["fid"] = fid
+        paths.write_text(eval_path, json.dumps(table, indent=1))
+        print(f"FID at N = {fid['n']}: LCM 4 steps {fid['lcm_4']['fid']:.3f}, teacher {fid['teacher']['fid']:.3f} "
+              f"(ratio {fid['lcm_4_vs_teacher']:.2f}), real vs real {fid['real_vs_real_floor']:.3f} "
+              f"(chapter 12's floor {fid['chapter12_floor']:.3f}); {fid['wall_seconds']} s wall; wrote {eval_path}")
     return 0
 

@@ -120,6 +120,14 @@ def train_lora(unet, vae, text_encoder, tokenizer, concept="bar", rank=4, alpha=
     return unet.eval(), log
 
 
+def fidelity_summary(images, captions):
+    """`metrics.fidelity` of generated images against their captions, as chapter 13 reads it: the
+    mean soft IoU with the caption's fitted ideal shape and its 95 % interval, [mean, lo, hi]
+    (`metrics.mean_interval`), rounded to 4 decimals."""
+    from .. import metrics
+    return [round(v, 4) for v in metrics.mean_interval(metrics.fidelity(images, captions)["fidelity"])]
+
+
 def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=tuple(range(6)),
                   old_seeds=(0, 1), judge=None, n_real=1000):
     """Judge a (LoRA or base) course U-Net on the new concept and on the old prompts (chapter 13).
@@ -131,9 +139,10 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=t
     with n_real=0).
     And the judge on the VAE's reconstructions of those real images, decode(encode(x)): a
     latent model's ceiling (the course VAE spreads orange's hue and blurs a plus into a blob). Returns
-    {"new": acc, "old": acc, "judge_on_real_new": acc, "judge_on_real_old": acc,
-    "judge_on_vae_reconstructions_new": acc, "judge_on_vae_reconstructions_old": acc,
-    "images_new": uint8, "captions_new": list}, each acc a dict colour/shape/position/all.
+    {"new": acc, "old": acc, "fidelity_new": fid, "fidelity_old": fid, "judge_on_real_new": acc,
+    "judge_on_real_old": acc, "judge_on_vae_reconstructions_new": acc, "judge_on_vae_reconstructions_old": acc,
+    "images_new": uint8, "captions_new": list}, each acc a dict colour/shape/position/all and each fid
+    `fidelity_summary` of the same samples the judge read ([mean, lo, hi], `metrics.fidelity`).
     """
     import torch
     from .. import data
@@ -143,7 +152,8 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=t
         contexts = text_encoder(tokenizer(prompts))
     new, images_new, captions_new = judge_course_unet(unet, vae, contexts, prompts, judge,
                                                       data.concept_combinations(concept), seeds=tuple(new_seeds))
-    old = judge_course_unet(unet, vae, contexts, prompts, judge, data.combinations(), seeds=tuple(old_seeds))[0]
+    old, images_old, captions_old = judge_course_unet(unet, vae, contexts, prompts, judge, data.combinations(),
+                                                      seeds=tuple(old_seeds))
     real_new = real_old = vae_new = vae_old = None
     if n_real:
         real = {"new": data.sample(n_real, seed=4321, only=data.concept_combinations(concept)),
@@ -154,7 +164,9 @@ def evaluate_lora(unet, vae, text_encoder, tokenizer, concept="bar", new_seeds=t
             rec = {k: data.to_uint8(torch.cat([vae.decode(vae.encode(data.to_tensor(im[i:i + 500])).mean)
                                                for i in range(0, len(im), 500)])) for k, (im, _) in real.items()}
         vae_new, vae_old = (judge.accuracy(rec[k], real[k][1]) for k in ("new", "old"))
-    return {"new": new, "old": old, "judge_on_real_new": real_new, "judge_on_real_old": real_old,
+    return {"new": new, "old": old, "fidelity_new": fidelity_summary(images_new, captions_new),
+            "fidelity_old": fidelity_summary(images_old, captions_old),
+            "judge_on_real_new": real_new, "judge_on_real_old": real_old,
             "judge_on_vae_reconstructions_new": vae_new, "judge_on_vae_reconstructions_old": vae_old,
             "images_new": images_new, "captions_new": captions_new}
 
@@ -197,17 +209,30 @@ def lora_rank_sweep(ranks, concept="bar", steps=300, seed=0, progress=True, seed
             with torch.no_grad():
                 delta = sum(float(m.delta_weight().pow(2).sum()) for m in unet.modules()
                             if isinstance(m, lora.LoRALinear)) ** 0.5
-            ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=(0, 1, 2), old_seeds=(0,),
-                               n_real=0)
             file_bytes, params = _lora_size(unet)
             rows.append({"rank": rank, "seed": s, "params": params, "file_bytes": file_bytes,
-                         "new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
+                         **sweep_evaluation(unet, vae, text_encoder, tokenizer, concept),
                          "delta_norm": round(delta, 4), "train_cpu_seconds": round(cpu, 1)})
             if progress:
                 print(f"rank {rank:3d} seed {s}: {params:7,d} parameters, {file_bytes:8,d} bytes, "
-                      f"new {rows[-1]['new_accuracy']:.3f}, old {rows[-1]['old_accuracy']:.3f}, "
+                      f"new {rows[-1]['new_accuracy']:.3f} (fidelity {rows[-1]['new_fidelity'][0]:.3f}), "
+                      f"old {rows[-1]['old_accuracy']:.3f} (fidelity {rows[-1]['old_fidelity'][0]:.3f}), "
                       f"|dW| {delta:.3f}, {cpu:.0f} s CPU", flush=True)
     return rows
+
+
+SWEEP_NEW_SEEDS, SWEEP_OLD_SEEDS = (0, 1, 2), (0,)   # the rank sweep's sampling seeds (fewer than the main LoRA's)
+
+
+def sweep_evaluation(unet, vae, text_encoder, tokenizer, concept="bar"):
+    """What the rank sweep records of one (LoRA or base) U-Net: `evaluate_lora` on the new
+    combinations x SWEEP_NEW_SEEDS and the 90 old ones x SWEEP_OLD_SEEDS, no real images:
+    {"new_accuracy", "old_accuracy"} (the judge, all three attributes right) and
+    {"new_fidelity", "old_fidelity"} ([mean, lo, hi] of `metrics.fidelity` on the same samples)."""
+    ev = evaluate_lora(unet, vae, text_encoder, tokenizer, concept, new_seeds=SWEEP_NEW_SEEDS,
+                       old_seeds=SWEEP_OLD_SEEDS, n_real=0)
+    return {"new_accuracy": round(ev["new"]["all"], 4), "old_accuracy": round(ev["old"]["all"], 4),
+            "new_fidelity": ev["fidelity_new"], "old_fidelity": ev["fidelity_old"]}
 
 
 def cli_lora(argv):
@@ -243,6 +268,9 @@ def cli_lora(argv):
                    "of the sweep (default: --seed only)")
     p.add_argument("--sweep-alpha", type=float, default=None, help="course mode: one alpha for every rank of the "
                    "sweep (default: alpha = rank, update scale 1)")
+    p.add_argument("--eval-only", action="store_true", help="course mode: train nothing; re-measure the existing "
+                   "LoRA file (--out) and the base model as the main run does (judge and metrics.fidelity, same "
+                   "seeds and sampling settings) and replace the 'evaluation' of its log (--log), keeping the rest")
     p.add_argument("--sweep-only", action="store_true", help="course mode: run only the rank sweep (no main LoRA, "
                    "nothing else written) and write it to --log (default data/course_lora_<concept>_rank_sweep.json)")
     real = p.add_argument_group("real SD 1.x mode")
@@ -270,6 +298,67 @@ def cli_lora(argv):
         except (FileNotFoundError, ValueError) as e:   # bad input: the message says what to do, no traceback
             raise SystemExit(f"error: {e}") from None
     return _cli_lora_course(args, argv)
+
+
+FIDELITY_NOTE = ("new_fidelity / old_fidelity and evaluation.fidelity: [mean, lo, hi] of metrics.fidelity (soft "
+                 "IoU of the image's foreground with the caption's ideal shape at its fitted centre and size; real "
+                 "images read about 0.998) on the same samples the judge read, 95 % interval mean -+ 1.96 s / sqrt(n)")
+
+
+def _evaluation_record(concept, judge, before, after):
+    """The log's "evaluation": `evaluate_lora` of the base model (`before`) and of the LoRA (`after`)
+    at the stored sampling settings, the judge's rates and `metrics.fidelity` (mean, 95 % interval)."""
+    from .. import data
+    as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
+    n_combos = len(data.concept_combinations(concept))
+    return {**course_sampling(), "judge_palette": list(judge.colours),
+            "new_prompts": f"the {n_combos} {concept} combinations x 6 seeds",
+            "old_prompts": "the 90 course combinations x 2 seeds",
+            "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},
+            "lora": {"new": as_float(after["new"]), "old": as_float(after["old"])},
+            "fidelity": {"base": {"new": before["fidelity_new"], "old": before["fidelity_old"]},
+                         "lora": {"new": after["fidelity_new"], "old": after["fidelity_old"]},
+                         "definition": FIDELITY_NOTE},
+            "judge_on_real": {"new": as_float(after["judge_on_real_new"]),
+                              "old": as_float(after["judge_on_real_old"])},
+            "judge_on_vae_reconstructions": {"new": as_float(after["judge_on_vae_reconstructions_new"]),
+                                             "old": as_float(after["judge_on_vae_reconstructions_old"])}}
+
+
+def _eval_only(concept, out, log_path, unet_path, command, threads):
+    """`--eval-only`: re-measure an existing LoRA file and the base model without training, and
+    replace its log's "evaluation" (the rest of the log, loss and rank sweep included, is kept).
+    The judge's rates are compared with the log's old ones: the samples are the same only if the
+    course model and its sampling settings are those the log was made with."""
+    import json
+    import time
+    from .. import lora, paths
+    from ..checkpoint import course_unet
+    for path, what in ((out, "LoRA file"), (log_path, "log")):
+        if not path.exists():
+            raise SystemExit(f"error: --eval-only re-measures an existing {what}, but {path} does not exist: train it "
+                             f"first (python -m minisd train lora --concept {concept}) or give --out/--log")
+    record = json.loads(log_path.read_text())
+    c0, t0 = time.process_time(), time.time()
+    vae, text_encoder, tokenizer = frozen_course_models()
+    judge = lora_judge(concept)
+    before = evaluate_lora(course_unet(unet_path).requires_grad_(False), vae, text_encoder, tokenizer, concept,
+                           judge=judge)
+    after = evaluate_lora(lora.load(course_unet(unet_path), out).eval(), vae, text_encoder, tokenizer, concept,
+                          judge=judge)
+    evaluation = _evaluation_record(concept, judge, before, after)
+    old = record.get("evaluation", {})
+    same = all(old.get(m, {}).get(k) == evaluation[m][k] for m in ("base", "lora") for k in ("new", "old"))
+    evaluation.update(command=command, threads=threads, cpu_seconds=round(time.process_time() - c0, 1),
+                      wall_seconds=round(time.time() - t0, 1), judge_as_before=same)
+    if not same:
+        evaluation["judge_before_re_evaluation"] = {m: old.get(m) for m in ("base", "lora")}
+    record["evaluation"] = evaluation
+    paths.write_text(log_path, json.dumps(record, indent=1))
+    print(json.dumps({k: evaluation[k] for k in ("base", "lora", "fidelity")}, indent=1))
+    print(f"re-measured {out} in {evaluation['cpu_seconds']:.0f} s CPU ({evaluation['wall_seconds']:.0f} s wall); "
+          f"the judge's rates {'are those the log had' if same else 'differ from the log'}; wrote {log_path}")
+    return 0
 
 
 def _cli_lora_course(args, argv):
@@ -301,6 +390,9 @@ def _cli_lora_course(args, argv):
         log_path = Path(args.log) if args.log else paths.DATA_DIR / f"course_lora_{args.concept}_rank_sweep.json"
         ranks = [int(r) for r in args.rank_sweep.split(",")]
         c0, t0 = time.process_time(), time.time()
+        base = sweep_evaluation(course_unet().requires_grad_(False), *frozen_course_models(), args.concept)
+        print(f"base model: new {base['new_accuracy']:.3f} (fidelity {base['new_fidelity'][0]:.3f}), "
+              f"old {base['old_accuracy']:.3f} (fidelity {base['old_fidelity'][0]:.3f})", flush=True)
         rows = lora_rank_sweep(ranks, args.concept, steps=args.sweep_steps, seed=args.seed, seeds=sweep_seeds,
                                **sweep_kwargs)
         record = {"command": command, "concept": args.concept, "ranks": ranks,
@@ -311,14 +403,17 @@ def _cli_lora_course(args, argv):
                   "note": f"each (rank, seed) trained {args.sweep_steps} steps on the data of seed {args.seed}, "
                           f"judged on {n_combos} new combinations x 3 sampling seeds and 90 old x 1 "
                           f"({course_sampling()})",
+                  "fidelity": FIDELITY_NOTE,
                   "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
-                  "rank_sweep": rows}
+                  "base": base, "rank_sweep": rows}
         paths.write_text(log_path, json.dumps(record, indent=1))
         print(f"wrote {log_path} ({record['cpu_seconds']:.0f} s CPU)")
         return 0
     out = Path(args.out) if args.out else paths.DATA_DIR / f"course_lora_{args.concept}.safetensors"
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     unet_path = course_path("unet")
+    if args.eval_only:
+        return _eval_only(args.concept, out, log_path, unet_path, command, args.threads)
     vae, text_encoder, tokenizer = frozen_course_models()
     base = course_unet(unet_path).requires_grad_(False)
     judge = lora_judge(args.concept)
@@ -335,16 +430,7 @@ def _cli_lora_course(args, argv):
     # evaluate what was written: the file loaded into a fresh copy of the base model
     shipped = lora.load(course_unet(unet_path), out).eval()
     after = evaluate_lora(shipped, vae, text_encoder, tokenizer, args.concept, judge=judge)
-    as_float = lambda acc: {k: round(float(v), 4) for k, v in acc.items()}  # noqa: E731
-    evaluation = {**course_sampling(), "judge_palette": list(judge.colours),
-                  "new_prompts": f"the {n_combos} {args.concept} combinations x 6 seeds",
-                  "old_prompts": "the 90 course combinations x 2 seeds",
-                  "base": {"new": as_float(before["new"]), "old": as_float(before["old"])},
-                  "lora": {"new": as_float(after["new"]), "old": as_float(after["old"])},
-                  "judge_on_real": {"new": as_float(after["judge_on_real_new"]),
-                                    "old": as_float(after["judge_on_real_old"])},
-                  "judge_on_vae_reconstructions": {"new": as_float(after["judge_on_vae_reconstructions_new"]),
-                                                   "old": as_float(after["judge_on_vae_reconstructions_old"])}}
+    evaluation = _evaluation_record(args.concept, judge, before, after)
     n_lora, n_unet = lora.count_parameters(unet)
     sizes = {"lora_bytes": out.stat().st_size, "unet_bytes": unet_path.stat().st_size,
              "lora_parameters": n_lora, "unet_parameters": n_unet}
