@@ -6,7 +6,10 @@ one's peak), with SD 1.5-size models holding random weights (`minisd.weights.ran
 - the VAE decoding one 1x4x128x128 latent (a 1024x1024 image), untiled and tiled
   (`vae.use_tiling`, what `StableDiffusion.enable_vae_tiling()` switches on);
 - one U-Net step at 128x128 latents (batch 1, 77 context tokens), with and without attention
-  slicing (`set_attention_slice(unet, "max")`: one (image, head) pair at a time).
+  slicing (`set_attention_slice(unet, "max")`: one (image, head) pair at a time);
+- the same at 64x64 latents (512x512) with torch's MATH attention kernel forced, the kernel
+  that builds the (heads, N, N) weights: where slicing has something to save. (Forced at
+  128x128 it would need 8 x 16384^2 x 4 B = 8 GiB per weight matrix unsliced: not run.)
 
 In each process the weights are made and the input drawn first; then the peak-RSS counter is
 reset (`/proc/self/clear_refs`, Linux) and the call runs once under `torch.no_grad()`. Reported:
@@ -16,6 +19,7 @@ difference (what the call itself needs), the process's lifetime peak, and the ca
     PYTHONPATH=$PWD python scripts/measure_tiling_memory.py [--threads 2] [--out data/tiling_memory.json]
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,8 +33,11 @@ CASES = {  # name -> what it measures
     "vae_decode_tiled": "SD 1.5 VAE decode 1x4x128x128 -> 1024x1024, tiled (64x64-latent tiles)",
     "unet_step": "SD 1.5 U-Net step, 1x4x128x128 latents, unsliced attention",
     "unet_step_sliced": "SD 1.5 U-Net step, 1x4x128x128 latents, attention slicing 'max'",
+    "unet_step_math_64": "SD 1.5 U-Net step, 1x4x64x64 latents, MATH attention kernel, unsliced",
+    "unet_step_math_64_sliced": "SD 1.5 U-Net step, 1x4x64x64 latents, MATH attention kernel, slicing 'max'",
 }
-TIMEOUT_S = {"vae_decode": 240, "vae_decode_tiled": 240, "unet_step": 180, "unet_step_sliced": 180}
+TIMEOUT_S = {"vae_decode": 240, "vae_decode_tiled": 240, "unet_step": 180, "unet_step_sliced": 180,
+             "unet_step_math_64": 120, "unet_step_math_64_sliced": 120}
 
 
 def peak_mib():
@@ -45,6 +52,7 @@ def rss_mib():
 def measure(case, threads):
     """Run one case in this process; return its numbers as a dict."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from minisd.pipeline import set_attention_slice
     from minisd.unet import UNet, UNetConfig
@@ -66,9 +74,14 @@ def measure(case, threads):
         with torch.device("meta"):
             model = UNet(UNetConfig.sd15())
         load_into(model, random_weights(model)).eval()
-        set_attention_slice(model, "max" if case == "unet_step_sliced" else None)
-        x, context = torch.randn(1, 4, 128, 128, generator=g), torch.randn(1, 77, 768, generator=g)
-        run = lambda: model(x, torch.tensor([500]), context)  # noqa: E731
+        set_attention_slice(model, "max" if case.endswith("sliced") else None)
+        size = 64 if "math" in case else 128
+        x, context = torch.randn(1, 4, size, size, generator=g), torch.randn(1, 77, 768, generator=g)
+        kernel = sdpa_kernel(SDPBackend.MATH) if "math" in case else contextlib.nullcontext()
+
+        def run():
+            with kernel:
+                return model(x, torch.tensor([500]), context)
     load_peak, before = peak_mib(), rss_mib()
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS := current RSS
         f.write("5")
@@ -88,6 +101,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON file (default: data/tiling_memory.json)")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated cases to (re-)measure; the file keeps the others' rows")
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.case:
@@ -97,8 +112,13 @@ def main(argv=None):
     import torch
 
     from minisd import paths
-    rows = []
-    for case in CASES:
+    out = args.out or paths.DATA_DIR / "tiling_memory.json"
+    cases = args.cases.split(",")
+    if set(cases) - set(CASES):
+        parser.error(f"unknown cases {sorted(set(cases) - set(CASES))}: choose from {', '.join(CASES)}")
+    kept = json.loads(open(out).read())["cases"] if os.path.exists(out) else []
+    rows = [r for r in kept if r["case"] in CASES and r["case"] not in cases]
+    for case in cases:
         try:
             done = subprocess.run([sys.executable, __file__, "--case", case, "--threads", str(args.threads)],
                                   capture_output=True, text=True, timeout=TIMEOUT_S[case], env=os.environ)
@@ -111,19 +131,19 @@ def main(argv=None):
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\n{'case':<18} {'before MiB':>10} {'peak MiB':>9} {'extra MiB':>9} {'process MiB':>11} {'wall s':>7} tiles")
+    rows.sort(key=lambda r: list(CASES).index(r["case"]))
+    print(f"\n{'case':<26} {'before MiB':>10} {'peak MiB':>9} {'extra MiB':>9} {'process MiB':>11} {'wall s':>7} tiles")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['case']:<18} skipped: {r['skipped']}")
+            print(f"{r['case']:<26} skipped: {r['skipped']}")
         else:
-            print(f"{r['case']:<18} {r['rss_before_mib']:>10} {r['peak_during_mib']:>9} {r['extra_mib']:>9} "
+            print(f"{r['case']:<26} {r['rss_before_mib']:>10} {r['peak_during_mib']:>9} {r['extra_mib']:>9} "
                   f"{r['process_peak_mib']:>11} {r['wall_s']:>7} {r['tiles'] if r['tiles'] is not None else ''}")
     result = {"machine": {"torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
                           "processor": platform.processor() or platform.machine()},
               "method": "one call per fresh process after the weights are made; peak RSS reset before the call "
                         "(/proc/self/clear_refs), then read with resource.getrusage (ru_maxrss)",
               "cases": rows}
-    out = args.out or paths.DATA_DIR / "tiling_memory.json"
     paths.write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
