@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, paths, weights
-from .attention import CrossAttention
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
 from .controlnet import check_fits
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
@@ -484,7 +483,7 @@ def set_attention_slice(model, slice_size):
     """Set `slice_size` on every attention layer of `model` (a U-Net, a ControlNet), as diffusers'
     `set_attention_slice`: "auto" = half of each layer's heads, "max" = 1, a number = that many
     (image, head) pairs at a time in every layer (it must divide every layer's heads), None = off."""
-    layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    layers = [m for m in model.modules() if hasattr(m, "slice_size")]  # attention.CrossAttention and its kin
     if slice_size in ("auto", "max", None):
         sizes = [{"auto": max(m.heads // 2, 1), "max": 1, None: None}[slice_size] for m in layers]
     elif isinstance(slice_size, numbers.Integral) and not isinstance(slice_size, bool) and slice_size >= 1:
