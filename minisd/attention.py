@@ -16,13 +16,16 @@ class CrossAttention(nn.Module):
     from a context (B, M, context_dim), in the U-Net the 77x768 CLIP text embedding.
 
     `upcast` (SD 2.1's `upcast_attention`) computes the attention itself in float32 when the
-    model runs in float16, where SD 2.1's attention logits overflow (black images)."""
+    model runs in float16, where SD 2.1's attention logits overflow (black images).
+    `slice_size` (None: off) computes it for that many (image, head) pairs at a time, as
+    diffusers' attention slicing: see `sliced_attention`."""
 
     def __init__(self, dim, context_dim, heads, bias=False, upcast=False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"{dim} channels cannot be split into {heads} heads")
         self.heads, self.upcast = heads, upcast
+        self.slice_size = None
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim, dim, bias=bias)
@@ -34,12 +37,31 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+        if self.slice_size is not None:
+            out = sliced_attention(q, k, v, self.slice_size, self.upcast)
+        elif self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.to_out(out)
+
+
+def sliced_attention(q, k, v, slice_size, upcast=False):
+    """Attention of q (B, heads, N, d) over k, v (B, heads, M, d), computed for `slice_size`
+    of the B*heads (image, head) pairs at a time (diffusers' `SlicedAttnProcessor`): a kernel
+    that builds the N x M weights holds slice_size of them at once instead of B*heads."""
+    B, H, N, d = q.shape
+    # (B, heads, N, d) -> (B*heads, 1, N, d): one attention problem per row
+    q, k, v = (t.reshape(B * H, 1, t.shape[2], d) for t in (q, k, v))
+    out = torch.empty_like(q)
+    for i in range(0, B * H, slice_size):
+        s = slice(i, i + slice_size)
+        if upcast:
+            out[s] = F.scaled_dot_product_attention(q[s].float(), k[s].float(), v[s].float())
+        else:
+            out[s] = F.scaled_dot_product_attention(q[s], k[s], v[s])
+    return out.view(B, H, N, d)
 
 
 class SelfAttention(CrossAttention):

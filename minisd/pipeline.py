@@ -163,6 +163,25 @@ class StableDiffusion:
         return (f"StableDiffusion({sizes}; {self.dtype} on {self.device}; defaults: {self.scheduler}, "
                 f"{self.steps} steps, guidance {self.guidance})")
 
+    # --- big images on small machines ----------------------------------------------------------
+    def enable_vae_tiling(self):
+        """Encode and decode images larger than the VAE's `sample_size` (512 px for SD 1.5) in
+        overlapping tiles, as diffusers' `enable_vae_tiling`: the VAE's memory stops growing with
+        the image. The tiles are cross-faded, so the image differs a little from an untiled one."""
+        self.vae.use_tiling = True
+
+    def disable_vae_tiling(self):
+        self.vae.use_tiling = False
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Compute the U-Net's attention a few (image, head) pairs at a time, as diffusers'
+        `enable_attention_slicing` (which slices the U-Net only, not the VAE): see
+        `set_attention_slice`. Same images, to rounding."""
+        set_attention_slice(self.unet, slice_size)
+
+    def disable_attention_slicing(self):
+        set_attention_slice(self.unet, None)
+
     # --- the parts of a call ------------------------------------------------------------------
     def encode_prompt(self, prompts):
         """Prompts -> CLIP's last hidden states (B, 77, D), after the final LayerNorm.
@@ -458,6 +477,26 @@ class StableDiffusion:
             hint = hint.to(self.device, self.dtype)
             control.append((net, torch.cat([hint, hint]) if guidance > 1.0 else hint, float(scale)))
         return control
+
+
+def set_attention_slice(model, slice_size):
+    """Set `slice_size` on every attention layer of `model` (a U-Net, a ControlNet), as diffusers'
+    `set_attention_slice`: "auto" = half of each layer's heads, "max" = 1, a number = that many
+    (image, head) pairs at a time in every layer (it must divide every layer's heads), None = off."""
+    layers = [m for m in model.modules() if hasattr(m, "slice_size")]  # attention.CrossAttention and its kin
+    if slice_size in ("auto", "max", None):
+        sizes = [{"auto": max(m.heads // 2, 1), "max": 1, None: None}[slice_size] for m in layers]
+    elif isinstance(slice_size, numbers.Integral) and not isinstance(slice_size, bool) and slice_size >= 1:
+        heads = sorted({m.heads for m in layers})
+        if any(h % slice_size for h in heads):
+            raise ValueError(f"slice_size={slice_size} does not divide every attention layer's number of heads "
+                             f"({', '.join(map(str, heads))}): give a number that does, 'auto' or 'max'")
+        sizes = [int(slice_size)] * len(layers)
+    else:
+        raise ValueError(f"slice_size={slice_size!r}: give 'auto' (half the heads), 'max' (one head at a time), "
+                         "a whole number >= 1 of heads per slice, or None (off)")
+    for m, size in zip(layers, sizes):
+        m.slice_size = size
 
 
 # --- the scheduler file (SD 2.x, issue 17): what configures the samplers of loaded weights ----------

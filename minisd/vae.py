@@ -212,7 +212,11 @@ class AutoencoderKL(nn.Module):
     """SD's VAE: `encode` -> DiagonalGaussian, `decode` latents -> image (chapter 5).
 
     Between them sit two 1x1 convs that SD inherited from VQ-GAN: `quant_conv` on the
-    moments (2c -> 2c) and `post_quant_conv` on the latents (c -> c)."""
+    moments (2c -> 2c) and `post_quant_conv` on the latents (c -> c).
+
+    `use_tiling = True` (diffusers' `enable_tiling()`) encodes and decodes anything larger
+    than `config.sample_size` (in pixels; sample_size / f in latents) in overlapping tiles of
+    that size, so that memory stops growing with the image: see `tiled`."""
 
     def __init__(self, config):
         super().__init__()
@@ -221,6 +225,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
+        self.use_tiling = False
 
     @property
     def scaling_factor(self):
@@ -231,11 +236,54 @@ class AutoencoderKL(nn.Module):
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"encode expects images (B, {self.config.in_channels}, H, W) in [-1, 1], "
                              f"got shape {tuple(images.shape)}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        tile = self.config.sample_size  # in pixels
+        if self.use_tiling and max(images.shape[2:]) > tile:
+            moments = tiled(lambda x: self.quant_conv(self.encoder(x)), images, tile, tile // self.config.factor)
+        else:
+            moments = self.quant_conv(self.encoder(images))
+        return DiagonalGaussian(moments)
 
     def decode(self, latents):
         """Latents (B, c, h, w), already divided by scaling_factor -> images (B, 3, f*h, f*w)."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(f"decode expects latents (B, {self.config.latent_channels}, h, w), "
                              f"got shape {tuple(latents.shape)}")
+        tile = self.config.sample_size // self.config.factor  # in latents
+        if self.use_tiling and max(latents.shape[2:]) > tile:
+            return tiled(lambda z: self.decoder(self.post_quant_conv(z)), latents, tile, self.config.sample_size)
         return self.decoder(self.post_quant_conv(latents))
+
+
+TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor: neighbouring tiles share a quarter of a tile
+
+
+def tiled(run, x, tile_in, tile_out):
+    """`run` (a map from tile_in x tile_in tiles to tile_out x tile_out ones) applied to a large
+    x in overlapping tiles, as diffusers' `tiled_decode` / `_tiled_encode`.
+
+    A tile starts every 3/4 tile (the last ones in a row may be cut short by the edge). Each
+    output tile's first quarter is cross-faded with the end of the tile above and of the tile
+    to its left (already faded themselves), and its first 3/4 are kept. Not equal to running
+    on the whole: each tile sees only its own neighbourhood (and its own GroupNorm statistics)."""
+    stride = int(tile_in * (1 - TILE_OVERLAP))
+    fade = int(tile_out * TILE_OVERLAP)
+    keep = tile_out - fade
+    rows = [[run(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    for i, row in enumerate(rows):
+        for j, out in enumerate(row):
+            if i > 0:
+                cross_fade(rows[i - 1][j], out, fade, dim=2)
+            if j > 0:
+                cross_fade(row[j - 1], out, fade, dim=3)
+    return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)
+
+
+def cross_fade(a, b, n, dim):
+    """In place: b's first n rows (dim 2) or columns (dim 3) := a's last n ones * (1 - w) + b's * w,
+    w = 0, 1/n, ..., (n-1)/n (diffusers' `blend_v` / `blend_h`; n shrinks to fit a short tile)."""
+    n = min(a.shape[dim], b.shape[dim], n)
+    w = torch.arange(n, dtype=torch.float64) / n  # in float64, as diffusers' Python floats
+    w = w.view(n, 1) if dim == 2 else w           # broadcast over the other spatial axis
+    head = b.narrow(dim, 0, n)
+    head.copy_(a.narrow(dim, a.shape[dim] - n, n) * (1 - w).to(b.device, b.dtype) + head * w.to(b.device, b.dtype))
