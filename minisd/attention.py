@@ -108,16 +108,17 @@ class GEGLU(nn.Module):
         return F.gelu(gate).mul_(h)  # = h * gelu(gate), in place: one (B, N, 4*dim) buffer fewer
 
 
-FF_ROWS = 2048  # tokens per chunk when FeedForward runs on the CPU without gradients
+FF_CHUNK_BYTES = 24 * 2**20  # the largest inner buffer when FeedForward runs on the CPU without gradients
 
 
 class FeedForward(nn.Module):
     """GEGLU -> Dropout -> Linear, applied to every token on its own (width 4x inside).
 
-    Because each token is on its own, CPU inference runs it FF_ROWS tokens at a time: the
-    (tokens, 8*dim) inside then stays small enough for malloc to reuse one buffer, where the
-    whole (8192, 2560) of a 64x64 latent (84 MB) is a fresh mmap, page-faulted in on every
-    call (appendix "Making it fast"; diffusers' enable_forward_chunking is the same idea)."""
+    Because each token is on its own, CPU inference runs it a chunk of tokens at a time, so
+    that the (tokens, 8*dim) inside stays under FF_CHUNK_BYTES: small enough for malloc to
+    reuse one buffer, where the whole (8192, 2560) of a 64x64 latent (84 MB) is a fresh mmap,
+    page-faulted in on every call (appendix "Making it fast"; diffusers'
+    enable_forward_chunking is the same idea)."""
 
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
@@ -127,11 +128,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])  # (B, N, dim) -> (B*N, dim)
-        if torch.is_grad_enabled() or x.device.type != "cpu" or len(tokens) <= FF_ROWS:
+        rows = max(1, FF_CHUNK_BYTES // (tokens.element_size() * self.geglu.proj.out_features))
+        if torch.is_grad_enabled() or x.device.type != "cpu" or len(tokens) <= rows:
             return self.out(self.dropout(self.geglu(x)))
         out = torch.empty_like(tokens)
-        for i in range(0, len(tokens), FF_ROWS):
-            out[i:i + FF_ROWS] = self.out(self.dropout(self.geglu(tokens[i:i + FF_ROWS])))
+        for i in range(0, len(tokens), rows):
+            out[i:i + rows] = self.out(self.dropout(self.geglu(tokens[i:i + rows])))
         return out.view(x.shape)
 
 

@@ -10,6 +10,7 @@ one speed choice it offers on the CPU (`channels_last` memory). `--profile` prin
 minisd's U-Net step spends its time, per module, from torch.profiler (appendix "Making it fast").
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import resource
@@ -20,9 +21,10 @@ import time
 
 import torch
 import torch.utils.benchmark as benchmark
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import paths, weights
+from . import attention, paths, resnet, weights
 from .clip import CLIPTextConfig
 from .pipeline import StableDiffusion
 from .tokenizer import CLIPTokenizer
@@ -347,10 +349,26 @@ PROFILED = ("ResNetBlock", "SpatialTransformer", "SelfAttention", "CrossAttentio
             "Upsample", "GSC", "Conv2d", "GroupNorm", "LayerNorm", "Linear", "TimestepEmbedding")
 
 
-def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30):
+@contextlib.contextmanager
+def plain_kernels():
+    """minisd as it was before its CPU speed work, for a before/after profile: every Conv2d is
+    nn.Conv2d and the feed-forward runs all tokens at once."""
+    forward, chunk = resnet.Conv2d.forward, attention.FF_CHUNK_BYTES
+    resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = nn.Conv2d.forward, float("inf")
+    try:
+        yield
+    finally:
+        resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = forward, chunk
+
+
+def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30, plain=False):
     """One U-Net step under torch.profiler, each module of the kinds in PROFILED wrapped in a
     record_function named after its class: the table's rows are modules (their CPU total counts
-    what runs inside them, nested modules included), then the operators."""
+    what runs inside them, nested modules included), then the operators. `plain`: under
+    plain_kernels()."""
+    if plain:
+        with plain_kernels():
+            return profile_unet(device, dtype, size, batch, tiny, row_limit)
     config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
     from .unet import UNet
     with torch.device("meta"):
@@ -382,10 +400,10 @@ def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30):
     for h in hooks:
         h.remove()
     events = prof.key_averages()
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     modules = [e for e in events if e.key.startswith("module: ")]
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(f"U-Net step {batch}x4x{size}x{size}, {'tiny' if tiny else 'SD 1.5'} config, {dtype}, {device}, "
+          f"{'plain kernels (before), ' if resnet.Conv2d.forward is nn.Conv2d.forward else ''}"
           f"{torch.get_num_threads()} threads: {total:.3f} s of CPU time profiled")
     print(f"\nper module (CPU total includes the modules nested inside):")
     print(f"  {'module':22s} {'calls':>6s} {'CPU total s':>12s} {'% of step':>10s}")
@@ -401,7 +419,6 @@ def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30):
         op_rows.append(dict(op=e.key, calls=e.count, self_cpu_s=e.self_cpu_time_total / 1e6))
         print(f"  {e.key:52s} {e.count:6d} {e.self_cpu_time_total / 1e6:8.3f} s "
               f"{100 * e.self_cpu_time_total / 1e6 / total:6.1f}%")
-    del sort
     return dict(total_cpu_s=total, modules=rows, ops=op_rows)
 
 
@@ -422,6 +439,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="instead of comparing: where minisd's U-Net step spends its time (torch.profiler), "
                              "at the largest of --sizes")
+    parser.add_argument("--plain", action="store_true",
+                        help="with --profile: minisd without its CPU speed choices (see plain_kernels), for a before/after")
     parser.add_argument("--tiny", action="store_true", help="the tiny config: a smoke run, not a benchmark")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -437,7 +456,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.profile:
-        result = profile_unet(args.device, args.dtype, max(sizes), tiny=args.tiny)
+        result = profile_unet(args.device, args.dtype, max(sizes), tiny=args.tiny, plain=args.plain)
     else:
         try:
             import diffusers  # noqa: F401

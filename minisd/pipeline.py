@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -181,6 +182,23 @@ class StableDiffusion:
 
     def disable_attention_slicing(self):
         set_attention_slice(self.unet, None)
+
+    # --- compiled mode -------------------------------------------------------------------------
+    def compile(self, mode=None):
+        """Run the U-Net and the VAE's decoder through torch.compile (appendix "Making it fast"),
+        in place: the modules, their weights and their names stay as they are, so LoRA and weight
+        loading work as before. The first call at each new image size then spends seconds to
+        minutes generating code (reported by `python -m minisd benchmark --compile`); later calls
+        run it. `mode` is torch.compile's ("max-autotune"; "reduce-overhead" for CUDA graphs).
+        Returns the pipeline."""
+        if self.device.type == "cpu" and not (os.environ.get("CXX") or any(
+                shutil.which(c) for c in ("g++", "c++", "clang++"))):
+            raise RuntimeError("pipe.compile() on the CPU needs a C++ compiler, which torch.compile uses to build its "
+                               "kernels, and none was found: install one (apt install g++, or Xcode's command line "
+                               "tools) or set CXX, or run without compile()")
+        self.unet.compile(mode=mode)
+        self.vae.decoder.compile(mode=mode)
+        return self
 
     # --- the parts of a call ------------------------------------------------------------------
     def encode_prompt(self, prompts):
@@ -730,6 +748,8 @@ def main(argv=None):
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--size", type=int, help="height and width in pixels (default: the model's)")
     parser.add_argument("--out", required=True, help="where to write the PNG")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the U-Net and VAE decoder first (pays off over many images, not one)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
@@ -741,6 +761,8 @@ def main(argv=None):
             pipe = StableDiffusion.from_pretrained(args.weights, device=args.device, dtype=getattr(torch, args.dtype))
         else:
             pipe = StableDiffusion.course_model(device=args.device, dtype=getattr(torch, args.dtype))
+        if args.compile:
+            pipe.compile()
         image = pipe(args.prompt, negative_prompt=args.negative, height=args.size, width=args.size,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)[0]
     except (FileNotFoundError, ValueError, TypeError) as e:

@@ -91,13 +91,14 @@ def test_spatial_transformer_matches_diffusers_transformer2d():
 
 
 def test_feedforward_in_chunks_equals_all_at_once(monkeypatch):
-    """CPU inference runs the feed-forward FF_ROWS tokens at a time; every token is on its own,
+    """CPU inference runs the feed-forward a chunk of tokens at a time; every token is on its own,
     so the chunks give the same numbers as one pass (which runs when gradients are on)."""
     import minisd.attention as attention
     torch.manual_seed(0)
     ff = attention.FeedForward(16).eval()
     x = torch.randn(2, 50, 16)
-    monkeypatch.setattr(attention, "FF_ROWS", 32)  # 100 tokens -> 4 chunks
+    # GEGLU makes 2 x 64 floats per token: 32 tokens of it are 32 * 128 * 4 bytes -> 100 tokens in 4 chunks
+    monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 32 * 128 * 4)
     calls = []
     ff.geglu.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     whole = ff(x)  # gradients on: one pass
