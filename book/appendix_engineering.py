@@ -98,19 +98,17 @@ print(f"torch.compile on the H200 step, from the rounded medians: minisd {19 / 1
 # the file).
 #
 # A separate single-threaded run at 4×32×32 (so no thread waits for another) gave 5.0 s of
-# CPU per step for each, ratio 1.00. In short: the same CPU time per step as diffusers
-# (ratios 0.94-1.00), less peak memory (0.92-0.96), and load times that these two runs do not
-# settle: minisd loaded faster in the first (0.88×) and 2.40× slower in the second (0.76 s
-# against 0.32 s), a swing of the size that sub-second loads show on a busy machine. Both
-# libraries call the same PyTorch kernels for the same arithmetic; no honest trick makes one
-# much faster than the other.
+# CPU per step for each, ratio 1.00. These runs measured minisd *before* its CPU speed work:
+# then both libraries called the same PyTorch kernels for the same arithmetic and took the
+# same time. The appendix "Making it fast" shows where the time goes, the two changes that
+# made minisd's step faster than diffusers' on the CPU (some convolutions as one matrix
+# product, the feed-forward in chunks), and the newer side-by-side tables, measured with
+# `torch.utils.benchmark`.
 #
-# Three habits keep minisd's U-Net as fast as diffusers' with the same arithmetic:
-# `F.scaled_dot_product_attention` (never the $N \times N$ matrix), contiguous NCHW tensors
-# for every convolution (the SpatialTransformer calls `.contiguous()` after turning tokens back
-# into a map), and residual additions done in place into freshly computed outputs, which saves
-# one large buffer per addition. Loading is fast because the model is built on the meta device
-# and the safetensors file is memory-mapped, not copied.
+# Other habits keep minisd's U-Net lean: `F.scaled_dot_product_attention` (never the
+# $N \times N$ matrix), and residual additions done in place into freshly computed outputs,
+# which saves one large buffer per addition. Loading is fast because the model is built on the
+# meta device and the safetensors file is memory-mapped, not copied.
 #
 # ## The tokenizer's throughput (from chapter 7)
 #
@@ -141,8 +139,8 @@ print(f"torch.compile on the H200 step, from the rounded medians: minisd {19 / 1
 # | H200, fp16 | peak GPU memory after loading | 2.18 GiB | 2.02 GiB | 1.08 |
 #
 # The two images agree to 1e-6 in float32 and to 2.5e-3 in float16 (each library rounds its
-# own way). The CPU rows come from a quiet machine: on the CPU the two are level, the same
-# kernels doing nearly all the work (an earlier run, on a machine busy with other jobs, had
+# own way). The CPU rows come from a quiet machine, before the speed work of the appendix
+# "Making it fast": on the CPU the two were level, the same kernels doing nearly all the work (an earlier run, on a machine busy with other jobs, had
 # shown 0.75; it did not hold up). minisd's load time excludes its tokenizer, whose 49,408-word
 # vocabulary is read on first use (about 0.1 s), as the diffusers side here loads none. On the
 # GPU `torch.compile` (default mode, about 42 s of compiling on the first call for each
@@ -176,8 +174,9 @@ print(f"torch.compile on the H200 step, from the rounded medians: minisd {19 / 1
 #
 # ## What you built
 #
-# Nothing to run here, but the evidence for three engineering claims: minisd's components run
-# at diffusers' speed on a CPU (same kernels, ratios 0.94-1.03) and a little faster eagerly on
+# Nothing to run here, but the evidence for three engineering claims: before the speed work of
+# the appendix "Making it fast", minisd's components ran at diffusers' speed on a CPU (same
+# kernels, ratios 0.94-1.03), and they run a little faster eagerly on
 # an H200 (0.71-0.75, a gap that `torch.compile` closes); loading builds on the meta device and
 # assigns memory-mapped tensors (`minisd.weights`); and a LoRA run on real weights can be
 # stopped, resumed and spread over processes without changing its result

@@ -354,7 +354,7 @@ def plain_kernels():
     """minisd as it was before its CPU speed work, for a before/after profile: every Conv2d is
     nn.Conv2d and the feed-forward runs all tokens at once."""
     forward, chunk = resnet.Conv2d.forward, attention.FF_CHUNK_BYTES
-    resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = nn.Conv2d.forward, float("inf")
+    resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = nn.Conv2d.forward, 2**62
     try:
         yield
     finally:

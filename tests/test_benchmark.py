@@ -64,3 +64,23 @@ def test_without_diffusers_the_command_names_the_extra(monkeypatch, capsys):
     assert main(["benchmark", "--tiny"]) == 1
     err = capsys.readouterr().err
     assert "pip install -e '.[test]'" in err and "diffusers" in err
+
+
+def test_plain_kernels_switch_the_fast_paths_off_and_back_on(monkeypatch):
+    """--plain (the 'before' profile) must be minisd without its CPU speed choices: every Conv2d
+    through nn.Conv2d's convolution, the feed-forward in one piece; and restored afterwards."""
+    from torch import nn
+    from minisd import attention, resnet
+    torch.manual_seed(0)
+    conv, ff = resnet.Conv2d(8, 8, 1), attention.FeedForward(8)
+    monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 1000 * 64 * 4)  # 1,000 tokens of GEGLU's 64 floats
+    x, tokens = torch.randn(2, 8, 4, 4), torch.randn(1, 10_000, 8)
+    calls = []
+    ff.geglu.register_forward_hook(lambda m, i, o: calls.append(len(i[0].reshape(-1, 8))))
+    with torch.no_grad():
+        with benchmark.plain_kernels():
+            assert torch.equal(conv(x), nn.functional.conv2d(x, conv.weight, conv.bias))
+            ff(tokens)
+            assert calls == [10_000]
+        ff(tokens)
+    assert resnet.Conv2d.forward is not nn.Conv2d.forward and calls[1:] == [1000] * 10
