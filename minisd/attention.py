@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import Conv2d
+from .resnet import Conv2d, cpu_inference
 
 
 class CrossAttention(nn.Module):
@@ -129,7 +129,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])  # (B, N, dim) -> (B*N, dim)
         rows = max(1, FF_CHUNK_BYTES // (tokens.element_size() * self.geglu.proj.out_features))
-        if torch.is_grad_enabled() or x.device.type != "cpu" or len(tokens) <= rows:
+        if not cpu_inference(x) or len(tokens) <= rows:
             return self.out(self.dropout(self.geglu(x)))
         out = torch.empty_like(tokens)
         for i in range(0, len(tokens), rows):

@@ -21,10 +21,9 @@ import time
 
 import torch
 import torch.utils.benchmark as benchmark
-from torch import nn
 from tqdm.auto import tqdm
 
-from . import attention, paths, resnet, weights
+from . import paths, resnet, weights
 from .clip import CLIPTextConfig
 from .pipeline import StableDiffusion
 from .tokenizer import CLIPTokenizer
@@ -351,14 +350,13 @@ PROFILED = ("ResNetBlock", "SpatialTransformer", "SelfAttention", "CrossAttentio
 
 @contextlib.contextmanager
 def plain_kernels():
-    """minisd as it was before its CPU speed work, for a before/after profile: every Conv2d is
-    nn.Conv2d and the feed-forward runs all tokens at once."""
-    forward, chunk = resnet.Conv2d.forward, attention.FF_CHUNK_BYTES
-    resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = nn.Conv2d.forward, 2**62
+    """minisd as it was before its CPU speed work, for a before/after profile: every Conv2d and
+    Upsample through nn.Conv2d's convolution, the feed-forward in one piece (resnet.FAST_CPU)."""
+    resnet.FAST_CPU = False
     try:
         yield
     finally:
-        resnet.Conv2d.forward, attention.FF_CHUNK_BYTES = forward, chunk
+        resnet.FAST_CPU = True
 
 
 def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30, plain=False):
@@ -403,7 +401,7 @@ def profile_unet(device, dtype, size, batch=2, tiny=False, row_limit=30, plain=F
     modules = [e for e in events if e.key.startswith("module: ")]
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(f"U-Net step {batch}x4x{size}x{size}, {'tiny' if tiny else 'SD 1.5'} config, {dtype}, {device}, "
-          f"{'plain kernels (before), ' if resnet.Conv2d.forward is nn.Conv2d.forward else ''}"
+          f"{'' if resnet.FAST_CPU else 'plain kernels (before), '}"
           f"{torch.get_num_threads()} threads: {total:.3f} s of CPU time profiled")
     print(f"\nper module (CPU total includes the modules nested inside):")
     print(f"  {'module':22s} {'calls':>6s} {'CPU total s':>12s} {'% of step':>10s}")

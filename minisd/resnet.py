@@ -8,6 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 SMALL_MAP = 256  # pixels: at or below this, a 3x3 convolution runs faster as one matrix product (see Conv2d)
+FAST_CPU = True  # minisd's CPU inference paths (appendix "Making it fast"); benchmark.plain_kernels turns them off
+
+
+def cpu_inference(x):
+    """Whether minisd's CPU speed paths apply to x: float32 on the CPU, without gradients. They
+    compute the same function in another order (float32 rounding apart)."""
+    return FAST_CPU and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 class Conv2d(nn.Conv2d):
@@ -23,7 +30,7 @@ class Conv2d(nn.Conv2d):
     so the output differs from nn.Conv2d's by float32 rounding (~1e-6 relative)."""
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or self.groups != 1:
+        if not cpu_inference(x) or self.groups != 1:
             return super().forward(x)
         B, C, H, W = x.shape
         O, k = self.out_channels, self.kernel_size
@@ -91,9 +98,33 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+        if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+        if cpu_inference(x) and type(self.conv) is Conv2d and x.shape[-2] * x.shape[-1] > SMALL_MAP:
+            return self.phases(x)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def phases(self, x):
+        """The same as conv(interpolate(x)), computed on the small map (appendix "Making it fast").
+
+        Output pixel (2i+a, 2j+b) of the 3x3 conv over the doubled map sees only the 2x2 input
+        pixels from (i-1+a, j-1+b): taps that land on the same input pixel can be summed first.
+        So each of the four phases (a, b) is a 2x2 conv of x, and one conv with the four stacked
+        does them all: 16 multiply-adds per output pixel and channel pair instead of 36."""
+        B, C, H, W = x.shape
+        w = self.conv.weight  # (O, C, 3, 3)
+        O = w.shape[0]
+        # a = 0: kernel row 0 lands on input row i-1, rows 1 and 2 on row i; a = 1: rows 0 and 1 on i, row 2 on i+1
+        rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]  # each (O, C, 2, 3)
+        kernels = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
+                   torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3) for r in rows for b in (0, 1)]
+        bias = None if self.conv.bias is None else self.conv.bias.repeat(4)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(kernels), bias)  # (B, 4*O, H+1, W+1): all phases
+        out = x.new_empty(B, O, H, 2, W, 2)
+        for k, (a, b) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            out[:, :, :, a, :, b] = y[:, k * O:(k + 1) * O, a:a + H, b:b + W]  # phase (a, b) -> pixels (2i+a, 2j+b)
+        return out.view(B, O, 2 * H, 2 * W)
 
 
 class ResNetBlock(nn.Module):

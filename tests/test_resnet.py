@@ -134,3 +134,23 @@ def test_conv2d_is_nn_conv2d_where_it_should_be():
     assert small.grad is not None
     with torch.no_grad():  # float64: nn.Conv2d's path too
         assert torch.equal(ours.double()(small.double()), ref.double()(small.double()))
+
+
+@pytest.mark.parametrize("channels, size, bias", [(8, 17, True), (16, 24, False), (4, 20, True)])
+def test_upsample_by_phases_equals_upsample_then_conv(channels, size, bias, monkeypatch):
+    """Upsample.phases (four 2x2 convolutions of the small map) is conv(interpolate(x)), to rounding;
+    it runs where the small map has more than SMALL_MAP pixels."""
+    torch.manual_seed(0)
+    up = Upsample(channels)
+    if not bias:
+        up.conv.bias = None
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        expected = nn.functional.conv2d(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                        up.conv.weight, up.conv.bias, padding=1)
+        taken = []
+        monkeypatch.setattr(Upsample, "phases", lambda self, x, f=Upsample.phases: taken.append(1) or f(self, x))
+        out = up(x)
+    assert taken == [1] and out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert torch.equal(up(x), expected)  # with gradients: the plain path, bit for bit
