@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SMALL_MAP = 256  # pixels: at or below this, a 3x3 convolution runs faster as one matrix product (see Conv2d)
+LARGE_WEIGHT = 2**16  # weights: below this many, oneDNN's convolution stays the faster one (the course's U-Net)
 FAST_CPU = True  # minisd's CPU inference paths (appendix "Making it fast"); benchmark.plain_kernels turns them off
 
 
@@ -26,22 +27,23 @@ class Conv2d(nn.Conv2d):
     - a 3x3 convolution whose output has <= SMALL_MAP pixels is W (O, C*9) @ unfold(x),
       where oneDNN spends half its time re-laying out the (large) weight on every call.
 
-    Elsewhere (training, CUDA, other dtypes) it is nn.Conv2d. The sums run in another order,
+    Elsewhere (training, CUDA, other dtypes, weights under LARGE_WEIGHT, batches over 8 for
+    the 1x1 case, whose loop over images would cost more than it saves) it is nn.Conv2d. The sums run in another order,
     so the output differs from nn.Conv2d's by float32 rounding (~1e-6 relative)."""
 
     def forward(self, x):
-        if not cpu_inference(x) or self.groups != 1:
+        if not cpu_inference(x) or self.groups != 1 or self.weight.numel() < LARGE_WEIGHT:
             return super().forward(x)
         B, C, H, W = x.shape
         O, k = self.out_channels, self.kernel_size
         weight = self.weight.view(O, -1)  # (O, C*k*k)
-        if k == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+        if k == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and B <= 8:
             h, w = H, W
             out = x.new_empty(B, O, H * W)
             for b, image in enumerate(x.flatten(2)):  # one GEMM per image: (O, C) @ (C, H*W) -> (O, H*W)
                 torch.mm(weight, image, out=out[b])
         else:
-            if isinstance(self.padding, str) or self.dilation != (1, 1):
+            if isinstance(self.padding, str) or self.dilation != (1, 1) or k == (1, 1):
                 return super().forward(x)
             (p, q), (s, t) = self.padding, self.stride
             h, w = (H + 2 * p - k[0]) // s + 1, (W + 2 * q - k[1]) // t + 1

@@ -96,10 +96,10 @@ def test_resnet_output_depends_on_time():
 # --- Conv2d: the CPU inference paths that run a convolution as a matrix product ---------------
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, padding, size, bias", [
-    (16, 8, 1, 1, 0, 24, True),    # 1x1: W @ x per image, at any map size
-    (8, 16, 3, 1, 1, 16, True),    # 3x3 on a 16x16 map (256 pixels): unfold + one GEMM
-    (8, 16, 3, 2, 1, 16, False),   # stride 2: an 8x8 output
-    (8, 16, 3, 2, 0, 17, True),    # the VAE's Downsample: no padding, odd input
+    (256, 256, 1, 1, 0, 24, True),  # 1x1: W @ x per image, at any map size
+    (96, 96, 3, 1, 1, 16, True),    # 3x3 on a 16x16 map (256 pixels): unfold + one GEMM
+    (96, 96, 3, 2, 1, 16, False),   # stride 2: an 8x8 output
+    (96, 96, 3, 2, 0, 17, True),    # the VAE's Downsample: no padding, odd input
 ])
 def test_conv2d_matrix_product_paths_equal_nn_conv2d(c_in, c_out, k, stride, padding, size, bias, monkeypatch):
     from minisd.resnet import Conv2d
@@ -118,17 +118,23 @@ def test_conv2d_matrix_product_paths_equal_nn_conv2d(c_in, c_out, k, stride, pad
 
 
 def test_conv2d_is_nn_conv2d_where_it_should_be():
-    """Large maps, gradients, and non-float32 inputs take nn.Conv2d's own path, bit for bit."""
-    from minisd.resnet import SMALL_MAP, Conv2d
+    """Large maps, small weights, gradients, and non-float32 inputs take nn.Conv2d's own path,
+    bit for bit."""
+    from minisd.resnet import LARGE_WEIGHT, SMALL_MAP, Conv2d
     torch.manual_seed(0)
-    ours = Conv2d(4, 4, 3, padding=1)
-    ref = nn.Conv2d(4, 4, 3, padding=1)
+    tiny = Conv2d(4, 4, 1)
+    assert tiny.weight.numel() < LARGE_WEIGHT
+    with torch.no_grad():
+        z = torch.randn(2, 4, 8, 8)
+        assert torch.equal(tiny(z), nn.functional.conv2d(z, tiny.weight, tiny.bias))
+    ours = Conv2d(96, 96, 3, padding=1)
+    ref = nn.Conv2d(96, 96, 3, padding=1)
     ref.load_state_dict(ours.state_dict())
-    big = torch.randn(1, 4, 17, 17)
+    big = torch.randn(1, 96, 17, 17)
     assert 17 * 17 > SMALL_MAP
     with torch.no_grad():
         assert torch.equal(ours(big), ref(big))
-    small = torch.randn(1, 4, 8, 8, requires_grad=True)
+    small = torch.randn(1, 96, 8, 8, requires_grad=True)
     assert torch.equal(ours(small), ref(small))  # with gradients: the training path is untouched
     ours(small).sum().backward()
     assert small.grad is not None
