@@ -18,8 +18,9 @@
 # # Making it fast
 #
 # **You will build** an account of where one SD 1.5 U-Net step spends its time on a CPU, and
-# the two changes that made minisd's step faster than diffusers' on the same weights:
-# `minisd.resnet.Conv2d`, which runs some convolutions as one matrix product, and the
+# the changes that made minisd faster than diffusers on the same weights:
+# `minisd.resnet.Conv2d`, which runs some convolutions as one matrix product,
+# `minisd.resnet.Upsample`, which convolves the small map instead of the doubled one, and the
 # chunked `minisd.attention.FeedForward`. You will count the step's FLOPs live with
 # `torch.utils.flop_counter`, set them against what the machine can do (the roofline), read
 # the profile before and after (`python -m minisd benchmark --profile`), and read the
@@ -34,6 +35,7 @@
 
 # %%
 # %matplotlib inline
+import dataclasses
 import json
 from pathlib import Path
 
@@ -112,11 +114,14 @@ assert 1.55e12 < step_flops < 1.65e12
 # matrix product of two large matrices reaches close to that, and the profile below shows
 # what the U-Net's operators reach. The other limit is memory: an operation that reads $b$
 # bytes to do $f$ FLOPs cannot run faster than $b$ divided by the memory bandwidth. Its
-# *arithmetic intensity* $f / b$ says which limit it meets first. A 3x3 convolution on the
-# 8x8 maps at the bottom of the U-Net, 1280 channels in and out, reads a 59 MB weight to do
-# 3.8 GFLOP: 64 FLOPs per byte. At 64x64, 320 channels, it reads 3.7 MB of weight for 15 GFLOP:
-# 4,100 FLOPs per byte. The first is close to the memory limit on a machine that streams
-# ~20 GB/s, the second is nowhere near it.
+# *arithmetic intensity* $f / b$ says which limit it meets first: with ~20 GB/s from memory,
+# the two limits cross at about 320 / 20 = 16 FLOPs per byte (the ridge of the roofline).
+# A 3x3 convolution on the 8x8 maps at the bottom of the U-Net, 1280 channels in and out,
+# reads a 59 MB weight to do 3.8 GFLOP: about 60 FLOPs per byte. At 64x64 with 320 channels
+# it reads 3.7 MB of weight and 21 MB of activations for 15 GFLOP: about 600. Both sit above
+# the ridge, so both could run near the peak; but the first has little room to spare, and
+# anything that moves its weight once more (a re-layout on every call, say) costs it a large
+# share of its time. That is what the profile below finds.
 
 # %%
 def intensity(B, H, W, O, C, k):
@@ -131,7 +136,7 @@ for H, channels in [(8, 1280), (64, 320)]:
           f"{ai:6.0f} FLOP per byte read")
 limit_s = step_flops / 320e9
 print(f"\nthe step's floor on 2 cores at 320 GFLOP/s: {limit_s:.1f} s")
-assert intensity(2, 8, 8, 1280, 1280, 3)[0] < 100 < 1000 < intensity(2, 64, 64, 320, 320, 3)[0]
+assert 16 < intensity(2, 8, 8, 1280, 1280, 3)[0] < 100 < 500 < intensity(2, 64, 64, 320, 320, 3)[0]
 
 # %% [markdown]
 # On a GPU the same arithmetic sets the far limit: an H200 does 989 dense fp16 TFLOP/s, so one
@@ -145,7 +150,7 @@ assert intensity(2, 8, 8, 1280, 1280, 3)[0] < 100 < 1000 < intensity(2, 64, 64, 
 #
 # `python -m minisd benchmark --profile --sizes 64` runs one step under `torch.profiler` with
 # each module of the kinds that make up the U-Net wrapped in a labelled range, so the table
-# has a row per module kind as well as per operator; `--plain` runs the same step with the two
+# has a row per module kind as well as per operator; `--plain` runs the same step with the
 # changes below switched off, which is minisd as it was before, and as diffusers computes it.
 # The profiler's times are elapsed time on the calling thread (both threads work inside each
 # operator), and the profiler itself adds a little.
@@ -197,20 +202,33 @@ plt.show()
 #   times larger than the map and oneDNN's direct convolution wins again, so `Conv2d` uses the
 #   matrix product only up to 256 output pixels (`resnet.SMALL_MAP`).
 #
-# The third change is about memory, not arithmetic. The feed-forward block makes a
-# (tokens, 2560) tensor at 64x64: 84 MB. glibc's malloc hands out blocks that large as fresh
-# `mmap`s, up to a threshold of at most 32 MB, and returns them on free, so every step
-# page-faults 84 MB back in, and the profile shows that as `copy_` time (the bias copied into
-# the fresh output of `addmm` touches every page first). Because the feed-forward treats each
-# token alone, `FeedForward` runs it on chunks whose inner tensor stays under 24 MiB
-# (`attention.FF_CHUNK_BYTES`): the same numbers, one reused buffer. diffusers offers the same
-# idea as `enable_forward_chunking`; it is off by default.
+# The third change removes arithmetic. An `Upsample` doubles the map by repeating each pixel
+# into a 2x2 block, then runs a 3x3 convolution over the doubled map. Output pixel
+# $(2i+a,\, 2j+b)$ of that convolution sees only four distinct input pixels, the 2x2 block
+# starting at $(i-1+a,\, j-1+b)$, because the nine taps land on repeated copies; taps that land
+# on the same input pixel can be added before the convolution instead of after. So each of
+# the four *phases* $(a, b)$ is a 2x2 convolution of the small map, and one convolution with
+# the four stacked computes all of them: $4 \times 4 = 16$ multiply-adds per output pixel and
+# channel pair instead of 9 on a map four times larger, 36 ({term}`Upsample`'s `phases`). In the
+# U-Net this applies to the two upsamplers that write 32x32 and 64x64 maps; in the VAE's
+# decoder, to all three, which write maps up to 512x512 and are a large share of its work.
 #
-# Both changes apply only on the CPU, in float32, without gradients: training, CUDA and other
-# dtypes take the plain path, bit for bit. They change the order of the sums, so the
-# output moves by float32 rounding. The cell below checks that on the real sizes, with random
-# weights: a 1x1 convolution at 64x64, a 3x3 one on 8x8 maps, a stride-2 one, and a
-# feed-forward block split into chunks.
+# The fourth change is about memory, not arithmetic. The feed-forward block makes a
+# (tokens, 2560) tensor at 64x64: 84 MB. glibc's malloc hands out blocks that large as fresh
+# `mmap`s (above a threshold of at most 32 MB) and returns them on free, so every step
+# page-faults those 84 MB back in. Because the feed-forward treats each token alone,
+# `FeedForward` runs it on chunks whose inner tensor stays under 24 MiB
+# (`attention.FF_CHUNK_BYTES`): the same numbers, one reused buffer. diffusers offers the
+# same idea as `enable_forward_chunking`; it is off by default. This one pays least: on a
+# machine busy with other work, where page faults are dear, the profile showed the fresh
+# buffers as `copy_` time (about 20 ms per block, in `addmm` copying its bias into the new
+# output), but on the quiet machine of the profile below the difference is within the noise.
+
+# All of these apply only on the CPU, in float32, without gradients (`resnet.cpu_inference`):
+# training, CUDA and other dtypes take the plain path, bit for bit. They change the order of
+# the sums, so the output moves by float32 rounding. The cell below checks that on the real
+# sizes, with random weights: a 1x1 convolution at 64x64, a 3x3 one on 8x8 maps, a stride-2
+# one, the U-Net's last upsampler by phases, and a feed-forward block split into chunks.
 
 # %%
 torch.manual_seed(0)
@@ -225,6 +243,12 @@ with torch.no_grad():
         print(f"Conv2d {c_in}->{c_out}, {k}x{k}, stride {stride}, on {size}x{size}: "
               f"max |difference| / max |output| = {rel:.1e}")
         assert rel < 1e-5
+    up = resnet.Upsample(640)
+    x = torch.randn(2, 640, 32, 32)
+    plain = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+    rel = float((up(x) - plain).abs().max() / plain.abs().max())
+    print(f"Upsample 640 channels, 32x32 -> 64x64, by phases: max |difference| / max |output| = {rel:.1e}")
+    assert rel < 1e-5
     ff = attention.FeedForward(320)
     tokens = torch.randn(2, 4096, 320)
     chunked = ff(tokens)
@@ -232,7 +256,7 @@ with torch.no_grad():
         whole = ff(tokens).detach()
 rel = float((chunked - whole).abs().max() / whole.abs().max())
 print(f"FeedForward on 2x4096 tokens, in chunks of "
-      f"{attention.FF_CHUNK_BYTES // (4 * ff.geglu.proj.out_features)} tokens vs all at once: {rel:.1e}")
+      f"{attention.FF_CHUNK_BYTES // (4 * ff.inner)} tokens vs all at once: {rel:.1e}")
 assert rel < 1e-6
 
 # %% [markdown]
@@ -270,6 +294,21 @@ def rows(run):
             "text to image, 256x256, 4 steps": pipe["end_to_end"]}
 
 
+def counted(fn):
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as c:
+        fn()
+    return c.get_total_flops()
+
+
+with torch.device("meta"):
+    vae = minisd.AutoencoderKL(minisd.VAEConfig.sd15())
+    text_encoder = minisd.CLIPTextEncoder(minisd.CLIPTextConfig.sd15())
+decode_flops = counted(lambda: vae.decode(torch.randn(1, 4, 64, 64)))
+pipeline_flops = (4 * counted(lambda: unet(torch.randn(2, 4, 32, 32), t, context))
+                  + counted(lambda: vae.decode(torch.randn(1, 4, 32, 32)))
+                  + counted(lambda: text_encoder(torch.zeros(2, 77, dtype=torch.long))))
+floors = {"U-Net step, 2x4x64x64": step_flops, "VAE decode, 64x64 -> 512x512": decode_flops,
+          "text to image, 256x256, 4 steps": pipeline_flops}
 results = {run: rows(run) for run in ("run1", "run2")}
 sides = ["minisd", "diffusers", "diffusers channels_last"]
 for run, table in results.items():
@@ -281,12 +320,17 @@ for run, table in results.items():
         rl = med["minisd"]["wall"] / med["diffusers channels_last"]["wall"]
         print(f"  {what:32s} {cells}   {r:.3f} ({rc:.3f}); vs channels_last {rl:.3f}")
     print()
+print("the limit at 320 GFLOP/s, from the FLOPs counted on the meta device:")
+for what, flops in floors.items():
+    print(f"  {what:32s} {flops / 1e12:6.3f} TFLOP -> {flops / 320e9:5.2f} s")
 
 # %% [markdown]
-# The columns are minisd, diffusers, diffusers in channels-last. The U-Net step is where the
-# two changes act; the VAE decoder works on maps of 64x64 and larger, where neither applies
-# except to its few 1x1 convolutions, so it runs at diffusers' speed; text to image adds the
-# text encoder and the VAE to four U-Net steps at 32x32.
+# The columns are minisd, diffusers, diffusers in channels-last; the last lines are the
+# floors the FLOP count sets on this machine (for the plain computation: minisd's upsampling
+# by phases does fewer FLOPs than the count). In the U-Net step all the
+# changes act; in the VAE decoder, whose maps are 64x64 and larger, it is mostly the
+# upsamplers by phases; text to image adds the text encoder and the VAE to four U-Net steps
+# at 32x32.
 
 # %% [markdown]
 # ## Compiled mode
@@ -299,7 +343,7 @@ for run, table in results.items():
 # measures that first call and the compiled step for both libraries.
 
 # %%
-compiled = read("compile.json")
+compiled = read("run2/unet.json")["steps"]["64"]["compiled"]
 med, first = compiled["medians"], compiled["first_call"]
 for side in ("minisd", "diffusers"):
     print(f"{side:9s} compiled step {med[side]['wall']:6.2f} s (first call {first[side]:6.1f} s, compiling)")
@@ -362,7 +406,7 @@ def note(module, inputs, output):
 with torch.device("meta"):
     hooks = [m.register_forward_hook(note) for m in unet.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        unet(x, t, context)
+        unet(torch.randn(2, 4, 64, 64), t, context)
 for h in hooks:
     h.remove()
 share = sum(small) / step_flops
@@ -378,7 +422,10 @@ assert 0.1 < share < 0.4
 
 # %% tags=["solution", "hide-cell"]
 torch.manual_seed(0)
-small_unet = minisd.UNet(minisd.UNetConfig.tiny()).eval()
+# the tiny test config's weights are under resnet.LARGE_WEIGHT (oneDNN's convolution stays faster
+# there), so take one four times wider, with 3x3 weights of 147k-590k numbers
+wider = dataclasses.replace(minisd.UNetConfig.tiny(), block_channels=(128, 256, 256))
+small_unet = minisd.UNet(wider).eval()
 xs, ts, cs = torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 32)
 with torch.no_grad():
     fast_out = small_unet(xs, ts, cs)
@@ -389,7 +436,7 @@ with benchmark.plain_kernels():
     grad_plain = small_unet(xs, ts, cs)
 diff = float((fast_out - plain_out).abs().max())
 print(f"no gradients: max |fast - plain| = {diff:.1e}; with gradients: "
-      f"{float((grad_fast - grad_plain).abs().max()):.1e}")
+      f"{float((grad_fast - grad_plain).detach().abs().max()):.1e}")
 assert 0 < diff < 1e-4 and torch.equal(grad_fast, grad_plain)
 
 # %% [markdown]
@@ -397,8 +444,10 @@ assert 0 < diff < 1e-4 and torch.equal(grad_fast, grad_plain)
 #
 # A measured account of one SD 1.5 U-Net step on a CPU: 1.6 TFLOP, more than half of it in
 # convolutions, against a floor of about 5 s on two cores; a profile that shows where the
-# rest goes; and two changes that pay: `minisd.resnet.Conv2d` (1x1 and small-map convolutions
-# as matrix products) and the chunked `minisd.attention.FeedForward`. `python -m minisd
+# rest goes; and three changes that pay: `minisd.resnet.Conv2d` (1x1 and small-map convolutions
+# as matrix products), `minisd.resnet.Upsample.phases` (the upsampling convolution on the
+# small map: 16 multiply-adds where there were 36) and the chunked
+# `minisd.attention.FeedForward`. `python -m minisd
 # benchmark` measures minisd against diffusers side by side with `torch.utils.benchmark`, and
 # `--profile` shows where the time goes on your own machine. `pipe.compile()` adds
 # TorchInductor's fused kernels, and `enable_vae_tiling()` / `enable_attention_slicing()` trade

@@ -125,10 +125,11 @@ class FeedForward(nn.Module):
         self.geglu = GEGLU(dim, mult * dim)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(mult * dim, dim)
+        self.inner = 2 * mult * dim  # GEGLU's output width (its layers may be LoRA-wrapped: no .out_features)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])  # (B, N, dim) -> (B*N, dim)
-        rows = max(1, FF_CHUNK_BYTES // (tokens.element_size() * self.geglu.proj.out_features))
+        rows = max(1, FF_CHUNK_BYTES // (tokens.element_size() * self.inner))
         if not cpu_inference(x) or len(tokens) <= rows:
             return self.out(self.dropout(self.geglu(x)))
         out = torch.empty_like(tokens)

@@ -173,7 +173,7 @@ def test_our_paths_are_diffusers_paths(tiny_pair):
     for path, layer in ours.named_modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             other = their_layers[lora.diffusers_path(path)]
-            assert type(other) is type(layer) and other.weight.shape == layer.weight.shape, path
+            assert isinstance(layer, type(other)) and other.weight.shape == layer.weight.shape, path
             n += 1
     assert n == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in theirs.modules())
 
