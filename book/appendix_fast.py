@@ -222,8 +222,8 @@ plt.show()
 # same idea as `enable_forward_chunking`; it is off by default. This one pays least: on a
 # machine busy with other work, where page faults are dear, the profile showed the fresh
 # buffers as `copy_` time (about 20 ms per block, in `addmm` copying its bias into the new
-# output), but on the quiet machine of the profile below the difference is within the noise.
-
+# output), but on the quiet machine of the profile above the difference is within the noise.
+#
 # All of these apply only on the CPU, in float32, without gradients (`resnet.cpu_inference`):
 # training, CUDA and other dtypes take the plain path, bit for bit. They change the order of
 # the sums, so the output moves by float32 rounding. The cell below checks that on the real
