@@ -30,13 +30,66 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim, dim, bias=bias)
         self.to_out = nn.Linear(dim, dim)
+        self.fused_stamp = None  # set by fuse_projections
+
+    # the projections that read the same input, which fuse_projections runs as one matrix product
+    fuses = ("to_k", "to_v")
+
+    def fuse_projections(self, fuse=True):
+        """Run the projections that read the same input as one matrix product (diffusers'
+        `fuse_qkv_projections`): k and v here, q, k and v in self-attention. The fused weight is
+        a copy kept beside to_q, to_k and to_v, which stay the weights that load, save and take
+        a LoRA; it is made again when their weights change, and not used while a LoRA wraps one
+        of them or while they are being trained."""
+        self.fused_stamp = None
+        for name in ("fused_weight", "fused_bias"):
+            self._buffers.pop(name, None)
+        if fuse:
+            self._fuse()
+
+    def _fuse(self):
+        layers = [getattr(self, name) for name in self.fuses]
+        with torch.no_grad():
+            self.register_buffer("fused_weight", torch.cat([l.weight for l in layers]), persistent=False)
+            bias = None if layers[0].bias is None else torch.cat([l.bias for l in layers])
+            self.register_buffer("fused_bias", bias, persistent=False)
+        self.fused_stamp = self._stamp(layers)
+
+    @staticmethod
+    def _stamp(layers):
+        """Where each weight lives and how often it was changed in place (a loaded state dict,
+        a merged LoRA, .to(): each changes one of the two)."""
+        return tuple((p.data_ptr(), p._version) for l in layers for p in (l.weight, l.bias) if p is not None)
+
+    def _use_fused(self):
+        if self.fused_stamp is None:
+            return False
+        if torch.compiler.is_compiling():
+            return True  # compile() traces the fused path: fuse after loading weights, before compiling
+        layers = [getattr(self, name) for name in self.fuses]
+        if not all(type(l) is nn.Linear for l in layers):
+            return False  # a LoRA wraps one of them
+        if torch.is_grad_enabled() and any(l.weight.requires_grad for l in layers):
+            return False  # training: the gradients belong to to_q, to_k and to_v
+        if self._stamp(layers) != self.fused_stamp:
+            self._fuse()
+        return True
+
+    def _project(self, x, context):
+        """q from x; k and v from the context (x itself in self-attention)."""
+        if not self._use_fused():
+            return self.to_q(x), self.to_k(context), self.to_v(context)
+        if len(self.fuses) == 3:
+            return F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
+        return (self.to_q(x), *F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1))
 
     def forward(self, x, context):
         B, N, C = x.shape
+        q, k, v = self._project(x, context)
         # (B, N, C) -> (B, heads, N, C/heads)
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        q = q.view(B, N, self.heads, -1).transpose(1, 2)
+        k = k.view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = v.view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         if self.slice_size is not None:
             out = sliced_attention(q, k, v, self.slice_size, self.upcast)
         elif self.upcast and q.dtype in (torch.float16, torch.bfloat16):
@@ -64,8 +117,18 @@ def sliced_attention(q, k, v, slice_size, upcast=False):
     return out.view(B, H, N, d)
 
 
+def fuse_qkv_projections(module, fuse=True):
+    """`fuse_projections` for every attention layer in a module (U-Net, VAE, ControlNet)."""
+    for m in module.modules():
+        if isinstance(m, CrossAttention):
+            m.fuse_projections(fuse)
+    return module
+
+
 class SelfAttention(CrossAttention):
     """Attention where queries, keys and values all come from the image tokens x (B, N, dim)."""
+
+    fuses = ("to_q", "to_k", "to_v")
 
     def __init__(self, dim, heads, bias=False, upcast=False):
         super().__init__(dim, dim, heads, bias, upcast)

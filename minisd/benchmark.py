@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -27,7 +28,8 @@ from . import paths, resnet, weights
 from .clip import CLIPTextConfig
 from .pipeline import StableDiffusion
 from .tokenizer import CLIPTokenizer
-from .unet import UNetConfig
+from .attention import fuse_qkv_projections
+from .unet import UNet, UNetConfig
 from .vae import VAEConfig
 from .weights import random_weights
 
@@ -149,9 +151,24 @@ def _channels_last_copy(model):
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
-def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, compile=False):
+def step_flops(config, batch, size):
+    """The multiply-adds x 2 of one U-Net step, counted by torch.utils.flop_counter on the meta
+    device (no memory, no time): the numerator of the model FLOP utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unet = UNet(config).eval()
+        x, ctx = torch.randn(batch, config.in_channels, size, size), torch.randn(batch, 77, config.context_dim)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor([500] * batch), ctx)
+    return counter.get_total_flops()
+
+
+def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, compile=False, compile_mode=None,
+               fuse_qkv=False):
     """minisd.UNet vs diffusers' UNet2DConditionModel at SD 1.5 size (or the tiny config for
-    a smoke run), on the same random weights."""
+    a smoke run), on the same random weights. `fuse_qkv` adds both models with their q/k/v
+    projections fused (diffusers' fuse_qkv_projections) as two more sides; `compile_mode` is
+    torch.compile's mode for `compile` ("reduce-overhead": CUDA graphs)."""
     from diffusers import UNet2DConditionModel
 
     config = UNetConfig.tiny() if tiny else UNetConfig.sd15()
@@ -168,6 +185,11 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, compile=False
         theirs = UNet2DConditionModel.from_pretrained(tmp, torch_dtype=getattr(torch, dtype)).to(device).eval()
     ours = weights.load_unet(theirs.state_dict(), config).eval()  # the very same tensors
     theirs_cl = _channels_last_copy(theirs)
+    if fuse_qkv:
+        import copy
+        ours_fused = fuse_qkv_projections(copy.deepcopy(ours))
+        theirs_fused = copy.deepcopy(theirs)
+        theirs_fused.fuse_qkv_projections()
     results = {}
     for size in sizes:
         x, ctx = _unet_inputs(config.context_dim, batch, size, torch.device(device), getattr(torch, dtype))
@@ -175,33 +197,60 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, compile=False
         t = torch.tensor([500] * batch, device=device)
         with torch.no_grad():
             diff = float((ours(x, t, ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max())
-            med = _interleaved({
+            sides = {
                 "minisd": lambda: ours(x, t, ctx),
                 "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
                 "diffusers channels_last": lambda: theirs_cl(x_cl, t, encoder_hidden_states=ctx).sample,
-            }, device, repeats)
+            }
+            if fuse_qkv:
+                sides["minisd fused qkv"] = lambda: ours_fused(x, t, ctx)
+                sides["diffusers fused qkv"] = lambda: theirs_fused(x, t, encoder_hidden_states=ctx).sample
+            med = _interleaved(sides, device, repeats)
         ratios = _print_medians(med, f"step at {batch}x4x{size}x{size} (max |diff| minisd - diffusers = {diff:.1e})")
-        results[size] = dict(medians=med, ratios=ratios, max_diff=diff)
+        flops = step_flops(config, batch, size)
+        results[size] = dict(medians=med, ratios=ratios, max_diff=diff, flops=flops)
+        print(f"  {flops / 1e12:.3f} TFLOP per step (counted): minisd runs at "
+              f"{flops / med['minisd']['wall'] / 1e12:.3f} TFLOP/s")
+        if fuse_qkv:
+            results[size]["fused_ratio"] = med["minisd fused qkv"]["wall"] / med["diffusers fused qkv"]["wall"]
+            print(f"  fused q/k/v on both sides: minisd / diffusers {results[size]['fused_ratio']:.3f}")
         if compile:
-            results[size]["compiled"] = _compiled_steps(ours, theirs, x, t, ctx, device, repeats, med)
+            pair = (ours_fused, theirs_fused) if fuse_qkv else (ours, theirs)  # compiled: the fastest eager pair
+            results[size]["compiled"] = _compiled_steps(*pair, x, t, ctx, device, repeats, med, compile_mode)
     return dict(loads=loads, steps=results)
 
 
-def _compiled_steps(ours, theirs, x, t, ctx, device, repeats, eager):
-    """The same step through torch.compile (default mode) on both sides: the first call's
-    seconds (tracing and code generation) and the compiled medians next to the eager ones."""
-    compiled = {"minisd": torch.compile(ours), "diffusers": torch.compile(theirs)}
+@contextlib.contextmanager
+def _fresh_compile_cache():
+    """An empty TorchInductor cache folder for the duration: a first call then pays the whole
+    compile, as on a user's first run, instead of reading kernels an earlier run left in /tmp."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="minisd-inductor-") as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def _compiled_steps(ours, theirs, x, t, ctx, device, repeats, eager, mode=None):
+    """The same step through torch.compile (`mode`, None: the default) on both sides: the first
+    call's seconds (tracing and code generation) and the compiled medians next to the eager ones."""
+    compiled = {"minisd": torch.compile(ours, mode=mode), "diffusers": torch.compile(theirs, mode=mode)}
     calls = {"minisd": lambda: compiled["minisd"](x, t, ctx),
              "diffusers": lambda: compiled["diffusers"](x, t, encoder_hidden_states=ctx).sample}
     first = {}
-    with torch.no_grad():
+    with torch.no_grad(), _fresh_compile_cache():
         for side, call in calls.items():
             start = time.perf_counter()
             call()
             _sync(torch.device(device))
             first[side] = time.perf_counter() - start
         med = _interleaved(calls, device, repeats)
-    ratios = _print_medians(med, "torch.compile (default mode)")
+    ratios = _print_medians(med, f"torch.compile ({mode or 'default'} mode)")
     for side, m in med.items():
         print(f"  {side:9s} first call {first[side]:6.1f} s (compiling), then {eager[side]['wall'] / m['wall']:.2f}x "
               "its eager speed")
@@ -434,6 +483,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's own choice)")
     parser.add_argument("--compile", action="store_true",
                         help="U-Net only: also time both models through torch.compile")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="U-Net only: also time both models with fused q/k/v projections")
     parser.add_argument("--profile", action="store_true",
                         help="instead of comparing: where minisd's U-Net step spends its time (torch.profiler), "
                              "at the largest of --sizes")
@@ -462,7 +515,15 @@ def main(argv=None):
         except ImportError:
             print(f"error: {MISSING_REFERENCE}", file=sys.stderr)
             return 1
+        if args.compile_mode and not args.compile:
+            parser.error("--compile-mode needs --compile")
+        if args.fuse_qkv and args.component != "unet":
+            parser.error("--fuse-qkv is measured for --component unet only")
         extra = dict(compile=True) if args.compile else {}
+        if args.compile_mode not in (None, "default"):
+            extra["compile_mode"] = args.compile_mode
+        if args.fuse_qkv:
+            extra["fuse_qkv"] = True
         result = COMPONENTS[args.component](args.device, args.dtype, sizes, args.repeats, tiny=args.tiny, **extra)
     if args.json:
         paths.write_text(args.json, json.dumps(result, indent=1))

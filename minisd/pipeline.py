@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, paths, weights
+from .attention import fuse_qkv_projections
 from .checkpoint import COURSE_FILES  # noqa: F401  (kept importable from here)
 from .controlnet import check_fits
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
@@ -182,6 +183,24 @@ class StableDiffusion:
 
     def disable_attention_slicing(self):
         set_attention_slice(self.unet, None)
+
+    # --- fewer, larger matrix products -----------------------------------------------------------
+    def fuse_qkv_projections(self, unet=True, vae=True):
+        """Compute each attention layer's q, k and v (k and v for cross-attention) with one
+        matrix product, as diffusers' `fuse_qkv_projections`; the weights keep their to_q, to_k
+        and to_v names, so loading and LoRA work as before (see
+        `attention.CrossAttention.fuse_projections`). Same images, to rounding. Returns the pipeline."""
+        if unet:
+            fuse_qkv_projections(self.unet)
+        if vae:
+            fuse_qkv_projections(self.vae)
+        return self
+
+    def unfuse_qkv_projections(self, unet=True, vae=True):
+        if unet:
+            fuse_qkv_projections(self.unet, False)
+        if vae:
+            fuse_qkv_projections(self.vae, False)
 
     # --- compiled mode -------------------------------------------------------------------------
     def compile(self, mode=None):

@@ -84,3 +84,23 @@ def test_plain_kernels_switch_the_fast_paths_off_and_back_on(monkeypatch):
             assert calls == [10_000]
         ff(tokens)
     assert resnet.FAST_CPU and calls[1:] == [1000] * 10
+
+
+def test_fused_sides_and_counted_flops(tmp_path):
+    out = tmp_path / "result.json"
+    assert benchmark.main(["--component", "unet", "--device", "cpu", "--tiny", "--sizes", "8", "--fuse-qkv",
+                           "--repeats", "1", "--json", str(out)]) == 0
+    step = json.loads(out.read_text())["steps"]["8"]
+    assert {"minisd fused qkv", "diffusers fused qkv"} <= set(step["medians"]) and step["fused_ratio"] > 0
+    config = benchmark.UNetConfig.tiny()
+    assert step["flops"] == benchmark.step_flops(config, 2, 8) > 0
+    # the count is linear in the batch and grows with the map (convolutions x4, attention x16)
+    assert benchmark.step_flops(config, 4, 8) == 2 * step["flops"]
+    assert 4 * step["flops"] < benchmark.step_flops(config, 2, 16) < 16 * step["flops"]
+
+
+def test_compile_mode_needs_compile(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        benchmark.main(["--tiny", "--compile-mode", "reduce-overhead"])
+    assert "--compile-mode needs --compile" in capsys.readouterr().err
