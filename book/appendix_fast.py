@@ -25,8 +25,9 @@
 # `torch.utils.flop_counter`, set them against what the machine can do (the roofline), read
 # the profile before and after (`python -m minisd benchmark --profile`), and read the
 # side-by-side tables that `python -m minisd benchmark` measures with
-# `torch.utils.benchmark`. The last section is about memory rather than speed: VAE tiling and
-# attention slicing, for big images on small machines.
+# `torch.utils.benchmark`. Two switches follow: `pipe.compile()` and fused q/k/v projections.
+# The last section is about memory rather than speed: VAE tiling and attention slicing, for
+# big images on small machines.
 #
 # The timings here were measured once each, by the commands named beside them, on the 2-core
 # machine this book is built on; they are read from `data/speed/`, not re-measured when the
@@ -143,8 +144,13 @@ assert 16 < intensity(2, 8, 8, 1280, 1280, 3)[0] < 100 < 500 < intensity(2, 64, 
 # guided step at 512x512 could take as little as 1.6 ms and 30 of them 49 ms. The GPU numbers
 # in the appendix "Engineering notes" (19 ms per step eager, 14 ms compiled) are more than
 # eight times that floor: at this size a GPU step is bound by kernel launches and memory
-# traffic, not by arithmetic. This session had no GPU, so the GPU part of the speed work
-# (CUDA graphs, fused QKV projections, an fp16 VAE decode) is not measured here.
+# traffic, not by arithmetic. No GPU was available while this appendix was written, so the
+# GPU part of the speed work is not measured here: `bash scripts/gpu_checks.sh 4 5 6` times
+# the step eager, with fused q/k/v projections (below), and compiled with CUDA graphs
+# (`torch.compile` mode `reduce-overhead`), each against diffusers given the same choice,
+# and prints the model FLOP utilisation of each from the counted FLOPs. (The SD 1.5 VAE's
+# config asks for `force_upcast`, so its decoder stays in float32 under a float16 pipeline,
+# in minisd as in diffusers.)
 #
 # ## Where the time goes
 #
@@ -350,6 +356,48 @@ for side in ("minisd", "diffusers"):
 print(f"ratio minisd / diffusers, compiled: {med['minisd']['wall'] / med['diffusers']['wall']:.3f}")
 
 # %% [markdown]
+# ## Fused q/k/v projections
+#
+# In self-attention, `to_q`, `to_k` and `to_v` read the same tokens; in cross-attention,
+# `to_k` and `to_v` read the same text. `pipe.fuse_qkv_projections()` (as diffusers'
+# method of that name) stacks their weights so that each layer makes one matrix product
+# instead of three (or two) and splits the result. On a GPU that is fewer kernel launches
+# and one larger, better-shaped GEMM. The fused weight is a copy kept beside the three layers,
+# not in their place: the state dict keeps its `to_q` / `to_k` / `to_v` keys, so weight files
+# and LoRA files load as before; the copy is made again when their weights change (a loaded
+# file, a merged LoRA), and it is not used while a LoRA wraps a layer or while the layers
+# train (their gradients belong to them). On a small model:
+
+# %%
+torch.manual_seed(0)
+small = minisd.UNet(minisd.UNetConfig.tiny()).eval()
+keys = list(small.state_dict())
+xs, ts, cs = torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, 32)
+with torch.no_grad():
+    before = small(xs, ts, cs)
+    attention.fuse_qkv_projections(small)
+    after = small(xs, ts, cs)
+fused_layers = sum(m.fused_stamp is not None for m in small.modules() if isinstance(m, attention.CrossAttention))
+print(f"{fused_layers} attention layers fused; state dict keys unchanged: {list(small.state_dict()) == keys}; "
+      f"max |fused - plain| = {(after - before).abs().max():.1e}")
+assert list(small.state_dict()) == keys and 0 <= (after - before).abs().max() < 1e-5
+
+fused = read("fused_qkv.json")
+for r in fused["rows"]:
+    print(f"  {r['kind'] + '-attention,':17s}{r['channels']:4d} channels x {r['tokens']:4d} tokens "
+          f"(x{r['layers_per_step']} per step): plain {r['plain_ms']:6.1f} ms, fused {r['fused_ms']:6.1f} ms")
+per_step = fused["per_step_ms"]
+print(f"all attention layers of one step on this CPU: plain {per_step['plain']:.0f} ms, fused "
+      f"{per_step['fused']:.0f} ms ({per_step['fused'] / per_step['plain'] - 1:+.1%})")
+
+# %% [markdown]
+# Fused and plain give the same numbers here (each output row of a matrix product is computed
+# the same way either way). The time saved is a few percent of the attention layers' and about
+# 1 % of a whole step: less than this machine drifts between runs (the same U-Net step took
+# from 7 to 11 s over the runs behind this appendix, at the same ratio to diffusers). So fusing
+# stays off by default, as in diffusers; what it is for is a GPU, where three small kernel
+# launches become one.
+#
 # ## Big images on small machines
 #
 # Two switches trade time for memory, both equal to diffusers' on the same weights (tested):
@@ -450,7 +498,8 @@ assert 0 < diff < 1e-4 and torch.equal(grad_fast, grad_plain)
 # `minisd.attention.FeedForward`. `python -m minisd
 # benchmark` measures minisd against diffusers side by side with `torch.utils.benchmark`, and
 # `--profile` shows where the time goes on your own machine. `pipe.compile()` adds
-# TorchInductor's fused kernels, and `enable_vae_tiling()` / `enable_attention_slicing()` trade
+# TorchInductor's fused kernels, `pipe.fuse_qkv_projections()` one matrix product per
+# attention input (for GPUs; a wash on this CPU), and `enable_vae_tiling()` / `enable_attention_slicing()` trade
 # time for memory when an image is too big. What is left on a CPU is mostly the flash
 # attention kernel at 40 channels per head and the convolutions at 32x32 and above, which
 # already run near the machine's peak. On a GPU, the far larger gap to the floor is the next
