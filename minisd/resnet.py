@@ -27,13 +27,14 @@ class Conv2d(nn.Conv2d):
     - a 3x3 convolution whose output has <= SMALL_MAP pixels is W (O, C*9) @ unfold(x),
       where oneDNN spends half its time re-laying out the (large) weight on every call.
 
-    Elsewhere (training, CUDA, other dtypes, weights under LARGE_WEIGHT, batches over 8 for
+    Elsewhere (training, CUDA, other dtypes, channels-last memory, weights under LARGE_WEIGHT, batches over 8 for
     the 1x1 case, whose loop over images would cost more than it saves) it is nn.Conv2d. The sums run in another order,
     so the output differs from nn.Conv2d's by float32 rounding (~1e-6 relative)."""
 
     def forward(self, x):
-        if not cpu_inference(x) or self.groups != 1 or self.weight.numel() < LARGE_WEIGHT:
-            return super().forward(x)
+        if (not cpu_inference(x) or self.groups != 1 or self.weight.numel() < LARGE_WEIGHT
+                or not (x.is_contiguous() and self.weight.is_contiguous())):
+            return super().forward(x)  # channels-last memory too: oneDNN's own layout, not a (O, C*k*k) matrix
         B, C, H, W = x.shape
         O, k = self.out_channels, self.kernel_size
         weight = self.weight.view(O, -1)  # (O, C*k*k)

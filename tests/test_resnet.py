@@ -142,6 +142,41 @@ def test_conv2d_is_nn_conv2d_where_it_should_be():
         assert torch.equal(ours.double()(small.double()), ref.double()(small.double()))
 
 
+def test_conv2d_in_channels_last_memory():
+    """A model moved to channels-last memory (`model.to(memory_format=torch.channels_last)`, a
+    common GPU setting) runs nn.Conv2d's own path, which reads that layout, on the CPU too."""
+    from minisd.resnet import Conv2d
+    torch.manual_seed(0)
+    for k, size in ((1, 24), (3, 8)):  # the 1x1 and the small-map 3x3 matrix-product cases
+        ours = Conv2d(96 * 8 // k, 96 * 8 // k, k, padding=k // 2)
+        ref = nn.Conv2d(96 * 8 // k, 96 * 8 // k, k, padding=k // 2)
+        ref.load_state_dict(ours.state_dict())
+        ours.to(memory_format=torch.channels_last)
+        x = torch.randn(2, ours.in_channels, size, size)
+        with torch.no_grad():
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                torch.testing.assert_close(ours(inp), ref(x), rtol=0, atol=1e-5)
+
+
+def test_models_in_channels_last_memory_match_the_default():
+    import copy
+    import minisd
+    torch.manual_seed(0)
+    unet = minisd.UNet(minisd.UNetConfig.sd15()).eval()  # SD 1.5 size: its big weights take the fast paths
+    with torch.no_grad():  # only the first levels run, at 8x8: enough to reach every conv kind
+        x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, 77, 768)
+        expected = unet(x, t, ctx)
+        unet.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(unet(x.contiguous(memory_format=torch.channels_last), t, ctx), expected,
+                                   rtol=0, atol=1e-4)
+    vae = minisd.AutoencoderKL(minisd.VAEConfig.tiny()).eval()
+    cl = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(cl.decode(z.contiguous(memory_format=torch.channels_last)), vae.decode(z),
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels, size, bias", [(8, 17, True), (16, 24, False), (4, 20, True)])
 def test_upsample_by_phases_equals_upsample_then_conv(channels, size, bias, monkeypatch):
     """Upsample.phases (four 2x2 convolutions of the small map) is conv(interpolate(x)), to rounding;
