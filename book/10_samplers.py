@@ -832,11 +832,22 @@ plt.show()
 # %%
 FINE = sorted({1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, G})
 SEEDS = (0, 1, 2)
+# `seed=s` makes the pipeline draw its starting noise from torch.Generator().manual_seed(s).
+# Drawing it here and passing it as `latents` runs the seeds as one batch (one call of 45
+# images is faster than three of 15), with the same noise as three calls with `seed=`.
+side = pipe.unet.config.sample_size  # the latent's height and width
+noise = {seed: torch.randn(len(prompts), pipe.vae.config.latent_channels, side, side,
+                           generator=torch.Generator().manual_seed(seed)) for seed in SEEDS}
 curve = {}
 for s in FINE:
-    images = np.concatenate([sweep[s] if (seed == 0 and s in sweep) else to_uint8(
-        pipe(prompts, steps=25, guidance=s, scheduler="ddim", seed=seed, output_type="np", progress=False))
-        for seed in SEEDS])
+    # seed 0's images at the sweep's scales exist; at the first scale they are made again, as a check
+    todo = [seed for seed in SEEDS if not (seed == 0 and s in sweep and s != FINE[0])]
+    batch = to_uint8(pipe(prompts * len(todo), latents=torch.cat([noise[seed] for seed in todo]), steps=25,
+                          guidance=s, scheduler="ddim", output_type="np", progress=False))
+    made = dict(zip(todo, np.split(batch, len(todo))))
+    if s == FINE[0] and s in sweep:  # the same images as pipe(prompts, seed=0), to float rounding
+        assert np.abs(made[0].astype(int) - sweep[s]).max() <= 2
+    images = np.concatenate([made[seed] if seed in made else sweep[s] for seed in SEEDS])
     asked = prompts * len(SEEDS)
     per = metrics.fidelity(images, asked)
     n, right, judged = len(asked), int((per["colour"] & per["shape"] & per["position"]).sum()), judge.accuracy(images, asked)
