@@ -378,16 +378,16 @@ with torch.no_grad():
     attention.fuse_qkv_projections(small)
     after = small(xs, ts, cs)
 fused_layers = sum(m.fused_stamp is not None for m in small.modules() if isinstance(m, attention.CrossAttention))
-print(f"{fused_layers} attention layers fused; state dict keys unchanged: {list(small.state_dict()) == keys}; "
+print(f"{fused_layers} layers fused; same state dict keys: {list(small.state_dict()) == keys}; "
       f"max |fused - plain| = {(after - before).abs().max():.1e}")
 assert list(small.state_dict()) == keys and 0 <= (after - before).abs().max() < 1e-5
 
 fused = read("fused_qkv.json")
 for r in fused["rows"]:
-    print(f"  {r['kind'] + '-attention,':17s}{r['channels']:4d} channels x {r['tokens']:4d} tokens "
-          f"(x{r['layers_per_step']} per step): plain {r['plain_ms']:6.1f} ms, fused {r['fused_ms']:6.1f} ms")
+    print(f"  {r['kind']:5s} {r['channels']:4d} ch x {r['tokens']:4d} tokens, x{r['layers_per_step']}/step: "
+          f"plain {r['plain_ms']:6.1f} ms, fused {r['fused_ms']:6.1f} ms")
 per_step = fused["per_step_ms"]
-print(f"all attention layers of one step on this CPU: plain {per_step['plain']:.0f} ms, fused "
+print(f"one step's attention on this CPU: plain {per_step['plain']:.0f} ms, fused "
       f"{per_step['fused']:.0f} ms ({per_step['fused'] / per_step['plain'] - 1:+.1%})")
 
 # %% [markdown]
