@@ -64,13 +64,13 @@ class CrossAttention(nn.Module):
     def _use_fused(self):
         if self.fused_stamp is None:
             return False
-        if torch.compiler.is_compiling():
-            return True  # compile() traces the fused path: fuse after loading weights, before compiling
         layers = [getattr(self, name) for name in self.fuses]
         if not all(type(l) is nn.Linear for l in layers):
             return False  # a LoRA wraps one of them
         if torch.is_grad_enabled() and any(l.weight.requires_grad for l in layers):
             return False  # training: the gradients belong to to_q, to_k and to_v
+        if torch.compiler.is_compiling():
+            return True  # compile() cannot trace the stamp: fuse after loading weights, before compiling
         if self._stamp(layers) != self.fused_stamp:
             self._fuse()
         return True

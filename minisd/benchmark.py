@@ -11,6 +11,7 @@ minisd's U-Net step spends its time, per module, from torch.profiler (appendix "
 """
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing
 import os
@@ -147,7 +148,6 @@ def _fresh_process_loads(target, folder, *args):
 
 def _channels_last_copy(model):
     """A second diffusers model in channels_last memory, sharing no storage with the first."""
-    import copy
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
@@ -186,7 +186,6 @@ def bench_unet(device, dtype, sizes, repeats, batch=2, tiny=False, compile=False
     ours = weights.load_unet(theirs.state_dict(), config).eval()  # the very same tensors
     theirs_cl = _channels_last_copy(theirs)
     if fuse_qkv:
-        import copy
         ours_fused = fuse_qkv_projections(copy.deepcopy(ours))
         theirs_fused = copy.deepcopy(theirs)
         theirs_fused.fuse_qkv_projections()

@@ -129,6 +129,22 @@ def test_training_a_fused_model_gives_gradients_to_the_named_layers():
         assert getattr(attn, name).weight.grad is not None and getattr(attn, name).weight.grad.abs().sum() > 0
 
 
+def test_inside_compile_training_and_lora_still_take_the_plain_path(monkeypatch):
+    """Inside torch.compile the stamp is not checked, but gradients and LoRA are, as in eager mode."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2)
+    attn.fuse_projections()
+    attn(torch.randn(2, 5, 16)).square().mean().backward()
+    assert all(getattr(attn, n).weight.grad is not None for n in ("to_q", "to_k", "to_v"))
+    lora.inject(attn, rank=2)
+    assert not attn._use_fused()
+    with torch.no_grad():
+        plain = SelfAttention(16, 2)
+        plain.fuse_projections()
+        assert plain._use_fused()  # inference: the fused path
+
+
 def test_fused_copy_follows_to():
     dtype = torch.float64
     torch.manual_seed(0)
